@@ -1,0 +1,18 @@
+"""Typed configuration: dataclasses (``schema``) and the Megatron-style command line (``args``)."""
+
+from .args import build_parser, config_to_argv, parse_config
+from .schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "Config", "DataConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
+    "PrecisionConfig", "TrainConfig", "build_parser", "config_to_argv", "parse_config",
+]

@@ -1,0 +1,96 @@
+"""Offline sentencepiece training, Llama-2 style, the core of ``tools/train_tokenizer.py``.
+
+Llama-2's ``tokenizer.model`` conventions are kept so a model trained here reads like one of
+those: unk=0, bos=1, eos=2 (eos is Megatron's EOD), no pad piece, byte fallback (any UTF-8 text
+round-trips; unseen characters become byte pieces instead of ``<unk>``), digits split, identity
+normalisation and kept whitespace (code indentation survives a round trip).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """Options of ``tools/train_tokenizer.py``."""
+
+    input: list[str]
+    """Plain-text files; every line is a training sentence."""
+    model_prefix: str
+    """Writes ``<model_prefix>.model`` and ``<model_prefix>.vocab``."""
+    vocab_size: int = 8000
+    model_type: str = "bpe"
+    """bpe (as Llama-2) or unigram."""
+    character_coverage: float = 0.9995
+    """Share of characters covered by pieces; the rest fall back to bytes."""
+    input_sentence_size: int = 2_000_000
+    """Sentences sampled from the input (0: all). Sampling is seeded, so still deterministic."""
+    seed: int = 1234
+    num_threads: int = 2
+    """Training threads. sentencepiece's result does not depend on the thread count for bpe."""
+    max_sentence_length: int = 8192
+    """Longer lines (bytes) are skipped by sentencepiece."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, str):
+            self.input = [self.input]
+        if not self.input:
+            raise ValueError("--input is required: one or more plain-text files.")
+        for path in self.input:
+            if not os.path.isfile(path):
+                raise ValueError(f"--input {path!r} does not exist or is not a file.")
+        if all(os.path.getsize(p) == 0 for p in self.input):
+            raise ValueError("--input files are all empty; the tokenizer needs text to learn from.")
+        if self.model_type not in ("bpe", "unigram"):
+            raise ValueError(f"--model-type {self.model_type!r}: use bpe or unigram.")
+        # 3 special pieces + 256 byte pieces are always present.
+        if self.vocab_size < 300:
+            raise ValueError(f"--vocab-size {self.vocab_size} is too small: byte fallback alone needs 259 pieces; use >= 300.")
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ValueError(f"--character-coverage {self.character_coverage} must be in [0.9, 1.0].")
+        if self.num_threads < 1:
+            raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}.")
+
+
+def train_sentencepiece(cfg: TokenizerTrainingConfig) -> str:
+    """Trains the model and returns the path of ``<model_prefix>.model`` (written atomically)."""
+    import sentencepiece as spm
+
+    out_dir = os.path.dirname(os.path.abspath(cfg.model_prefix)) or "."
+    os.makedirs(out_dir, exist_ok=True)
+    # Train under a temporary prefix in the same directory, then move: a killed run must not
+    # leave a half-written .model that a later build would accept as up to date.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-train-") as tmp:
+        tmp_prefix = os.path.join(tmp, "model")
+        # The seed drives sentence sampling/shuffling; TrainerSpec has no seed field of its own.
+        spm.set_random_generator_seed(cfg.seed)
+        spm.SentencePieceTrainer.train(
+            input=cfg.input,
+            model_prefix=tmp_prefix,
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=1_000_000,
+            max_sentence_length=cfg.max_sentence_length,
+            num_threads=cfg.num_threads,
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=True,
+            train_extremely_large_corpus=False,
+            minloglevel=2,
+        )
+        for suffix in (".vocab", ".model"):  # .model last: its presence means "complete"
+            os.replace(tmp_prefix + suffix, cfg.model_prefix + suffix)
+    return cfg.model_prefix + ".model"

@@ -1,0 +1,61 @@
+"""Pretraining entrypoint for every dense or MoE stage (seed, branches, baselines).
+
+    torchrun --nproc-per-node 2 -m btx_megatron.pretrain --num-layers 2 ... --mock-data
+    srun python -m btx_megatron.pretrain ...            # rank/world from SLURM
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from btx_megatron.config import Config, parse_config
+
+
+def resolve_vocab(cfg: Config) -> None:
+    """``--vocab-size`` defaults to the tokenizer's size; it may not be smaller."""
+    d = cfg.data
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        from btx_megatron.data import build_tokenizer, check_vocab_fits
+
+        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, cfg.model.vocab_size)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = tokenizer.vocab_size
+        check_vocab_fits(tokenizer, cfg.model.vocab_size)
+    if cfg.model.vocab_size is None:
+        raise ValueError("--vocab-size is required without a tokenizer (e.g. with --mock-data).")
+    d.vocab_size = cfg.model.vocab_size
+
+
+def run(cfg: Config, argv: list[str] | None = None, stage: str = "pretrain", trainer_cls=None):
+    """Initialise distributed state for ``cfg`` and train; returns the TrainResult."""
+    from btx_megatron.models import virtual_pipeline_size
+    from btx_megatron.runtime.distributed import initialize_distributed, read_launch_env
+    from btx_megatron.training.trainer import Trainer, configure_logging
+
+    configure_logging()
+    resolve_vocab(cfg)
+    cfg.validate_layout(read_launch_env().world_size)
+    initialize_distributed(cfg.parallel, cfg.train.seed, virtual_pipeline_size=virtual_pipeline_size(cfg))
+    trainer = (trainer_cls or Trainer)(cfg, argv=argv, stage=stage)
+    return trainer.train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, _ = parse_config(argv)
+        run(cfg, argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from btx_megatron.runtime.distributed import destroy
+
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Distributed start-up and the CPU compatibility layer."""

@@ -1,0 +1,268 @@
+"""Save and load training checkpoints with Megatron-Core distributed checkpointing (torch_dist).
+
+A checkpoint holds the model, optimizer, LR scheduler, per-rank RNG states, iteration and
+consumed samples. Model weights reshard on load to any TP/PP/EP/DP layout; optimizer state does
+too when saved with ``--dist-ckpt-optim-fully-reshardable`` (or with the non-distributed
+optimizer, whose state follows the model's sharding). See :mod:`btx_megatron.checkpoint_format`
+for the directory layout and the atomic publish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from .. import __version__
+from .. import checkpoint_format as fmt
+from ..models import virtual_pipeline_size
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """DDP(Float16Module(GPTModel)) -> GPTModel."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        rev = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def layout(cfg) -> dict[str, Any]:
+    world = torch.distributed.get_world_size()
+    p = cfg.parallel
+    return {
+        "tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "virtual_pipeline_size": virtual_pipeline_size(cfg),
+        "expert_model_parallel_size": p.expert_model_parallel_size,
+        "expert_tensor_parallel_size": p.expert_tensor_parallel_size,
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "world_size": world,
+        "use_distributed_optimizer": p.use_distributed_optimizer,
+    }
+
+
+def _sharding_metadata(cfg) -> dict[str, Any]:
+    if not cfg.parallel.use_distributed_optimizer:
+        return {}
+    kind = "fully_reshardable" if cfg.checkpoint.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return {"distrib_optim_sharding_type": kind, "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True}
+
+
+def _model_sharded_state_dict(model_chunks, metadata=None) -> dict[str, Any]:
+    sd = {}
+    for i, chunk in enumerate(model_chunks):
+        sd[f"model{i}" if len(model_chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict(metadata=metadata)
+    return sd
+
+
+def _rng_state_object() -> ShardedObject:
+    """This rank's RNG states, keyed by its global rank (restored only at the same world size)."""
+    from megatron.core import tensor_parallel
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def save_checkpoint(cfg, iteration: int, model_chunks, optimizer=None, scheduler=None,
+                    consumed_samples: int = 0, extra_manifest: dict | None = None,
+                    save_dir: str | None = None) -> Path:
+    """Write ``iter_{iteration}`` under ``save_dir`` (default ``--save``), atomically."""
+    root = Path(save_dir or cfg.checkpoint.save)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    # Every rank must write into the same staging directory: rank 0 picks the nonce.
+    nonce = [uuid.uuid4().hex[:10] if rank == 0 else None]
+    torch.distributed.broadcast_object_list(nonce, src=0)
+    staging = fmt.new_staging_dir(root, iteration, nonce[0])
+    if rank == 0:
+        staging.mkdir(parents=True)
+    torch.distributed.barrier()
+
+    metadata = _sharding_metadata(cfg)
+    state = _model_sharded_state_dict(model_chunks, metadata=metadata)
+    save_optim = optimizer is not None and not cfg.checkpoint.no_save_optim
+    if save_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
+        state["opt_param_scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["rng_state"] = _rng_state_object()
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    dist_checkpointing.save(state, str(staging), content_metadata=metadata or None)
+    torch.distributed.barrier()
+    if rank == 0:
+        manifest = {
+            "format_version": fmt.FORMAT_VERSION,
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "kind": "moe" if cfg.model.is_moe else "dense",
+            "model": dataclasses.asdict(cfg.model),
+            "layout": layout(cfg),
+            "optimizer": {
+                "saved": save_optim,
+                "distributed": cfg.parallel.use_distributed_optimizer,
+                "sharding_type": metadata.get("distrib_optim_sharding_type"),
+            },
+            "precision": cfg.precision.params_dtype_name,
+            "tool": f"btx_megatron {__version__}",
+            "git_revision": git_revision(),
+        }
+        if extra_manifest:
+            manifest.update(extra_manifest)
+        fmt.write_json_atomic(staging / fmt.MANIFEST, manifest)
+        final = fmt.publish(staging, root, iteration)
+    torch.distributed.barrier()
+    return fmt.iteration_dir(root, iteration)
+
+
+def _drop_missing_objects(sharded_sd: dict, ckpt_dir: Path) -> None:
+    """``_extra_state`` objects (TE FP8 metadata) may be absent from checkpoints written by the
+    local spec or by offline tools; they carry no weights, so skip them when missing."""
+    present = _object_keys(ckpt_dir)
+
+    def visit(d):
+        for k in list(d.keys()):
+            v = d[k]
+            if isinstance(v, dict):
+                visit(v)
+            elif isinstance(v, ShardedObject) and v.key.endswith("_extra_state") and v.key not in present:
+                del d[k]
+
+    visit(sharded_sd)
+
+
+def _object_keys(ckpt_dir: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    keys = set()
+    for name in metadata.state_dict_metadata:
+        # Sharded objects are stored as "<key>/shard_<offsets>_<world>".
+        keys.add(name.split("/shard_")[0])
+    return keys
+
+
+def load_model_weights(model_chunks, path: str | os.PathLike, flag: str = "--load") -> dict:
+    """Load only the weights of a checkpoint (any saved layout) into ``model_chunks``."""
+    ckpt_dir, _ = fmt.resolve(path, flag)
+    manifest = fmt.read_manifest(ckpt_dir)
+    sharded = _model_sharded_state_dict(model_chunks)
+    _drop_missing_objects(sharded, ckpt_dir)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    _assign_model(model_chunks, loaded)
+    return manifest
+
+
+def _assign_model(model_chunks, loaded: dict) -> None:
+    for i, chunk in enumerate(model_chunks):
+        key = f"model{i}" if len(model_chunks) > 1 else "model"
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+
+
+def check_compatible(cfg, manifest: dict, source: str) -> None:
+    """Refuse a checkpoint whose architecture differs from the configured model."""
+    saved = manifest.get("model", {})
+    want = cfg.model.architecture()
+    for key, value in want.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"{source} was saved with {key}={saved[key]!r} but this run has {key}={value!r}; "
+                f"set --{key.replace('_', '-')} {saved[key]} or load a matching checkpoint."
+            )
+    if saved.get("num_experts") != cfg.model.num_experts:
+        raise ValueError(
+            f"{source} has num_experts={saved.get('num_experts')!r} but this run has "
+            f"--num-experts {cfg.model.num_experts!r}."
+        )
+
+
+def load_checkpoint(cfg, model_chunks, optimizer=None, scheduler=None) -> tuple[int, int]:
+    """Resume (or, with ``--finetune``, start from) ``--load``. Returns (iteration, consumed)."""
+    ck = cfg.checkpoint
+    ckpt_dir, iteration = fmt.resolve(ck.load, "--load")
+    manifest = fmt.read_manifest(ckpt_dir)
+    check_compatible(cfg, manifest, f"--load {ck.load}")
+    metadata = _sharding_metadata(cfg)
+    state = _model_sharded_state_dict(model_chunks, metadata=metadata)
+
+    load_optim = (
+        optimizer is not None and not ck.finetune and not ck.no_load_optim
+        and manifest.get("optimizer", {}).get("saved", False)
+    )
+    if load_optim:
+        _check_optimizer_reshardable(cfg, manifest)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
+        state["opt_param_scheduler"] = None  # common state: loaded as saved
+    same_world = manifest.get("layout", {}).get("world_size") == torch.distributed.get_world_size()
+    load_rng = not ck.finetune and not ck.no_load_rng and same_world
+    if load_rng:
+        state["rng_state"] = _rng_state_object()
+    _drop_missing_objects(state, ckpt_dir)
+    loaded = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    _assign_model(model_chunks, loaded)
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        from megatron.core import tensor_parallel
+
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if ck.finetune:
+        return 0, 0
+    return int(loaded.get("iteration", iteration)), int(loaded.get("consumed_samples", 0))
+
+
+def _check_optimizer_reshardable(cfg, manifest: dict) -> None:
+    saved_layout = manifest.get("layout", {})
+    opt = manifest.get("optimizer", {})
+    current = layout(cfg)
+    fields = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+              "expert_tensor_parallel_size", "data_parallel_size", "virtual_pipeline_size")
+    changed = [f for f in fields if saved_layout.get(f) != current.get(f)]
+    if opt.get("distributed") != cfg.parallel.use_distributed_optimizer:
+        raise ValueError(
+            f"--load {cfg.checkpoint.load}: optimizer state was saved "
+            f"{'with' if opt.get('distributed') else 'without'} --use-distributed-optimizer; "
+            "match that flag or pass --no-load-optim to start a fresh optimizer."
+        )
+    if changed and opt.get("sharding_type") == "dp_reshardable":
+        detail = ", ".join(f"{f} {saved_layout.get(f)} -> {current.get(f)}" for f in changed)
+        raise ValueError(
+            f"--load {cfg.checkpoint.load}: the parallel layout changed ({detail}) but the "
+            "distributed-optimizer state was saved in the dp_reshardable format, which cannot "
+            "change model parallelism. Pass --no-load-optim (weights, iteration and scheduler "
+            "still load), or re-save with --dist-ckpt-optim-fully-reshardable."
+        )

@@ -1,0 +1,66 @@
+"""Run a function on N CPU processes with gloo (torch.multiprocessing spawn).
+
+Each rank gets RANK/WORLD_SIZE/MASTER_* like torchrun, so the code under test reads its launch
+environment exactly as it does in production. Return values of every rank come back as a list;
+an exception on any rank fails the call with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, kwargs, out_dir):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = ("ok", fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        from btx_megatron.runtime.distributed import destroy
+
+        try:
+            destroy()
+        except Exception:
+            pass
+    with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_distributed(fn, world_size: int, *args, **kwargs) -> list:
+    """``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; returns each rank's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), fn, args, kwargs, out_dir),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        results = []
+        for rank in range(world_size):
+            with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise AssertionError(value)
+            results.append(value)
+        return results
