@@ -28,6 +28,9 @@ def _worker(rank, world_size, port, fn, args, kwargs, out_dir):
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
+    import warnings
+
+    warnings.filterwarnings("ignore")
     import torch
 
     torch.set_num_threads(1)

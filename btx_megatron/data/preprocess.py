@@ -170,8 +170,10 @@ def parse_record(raw: bytes, is_jsonl: bool, json_keys: list[str], where: str) -
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: str, json_keys: list[str], append_eod: bool, paths: list[str]) -> None:
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+def _init_worker(tokenizer_type: str, tokenizer_model: str, json_keys: list[str], append_eod: bool, paths: list[str],
+                 tokenizer=None) -> None:
+    if tokenizer is None:
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     _WORKER.update(
         tokenizer=tokenizer,
         eod=tokenizer.eod if append_eod else None,
@@ -267,7 +269,7 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
     try:
         records = _iter_records(paths)
         if cfg.workers == 1:
-            _init_worker(*init_args)
+            _init_worker(*init_args, tokenizer=tokenizer)
             results = map(_encode, records)
         else:
             # fork: workers inherit the imported modules instead of re-importing megatron (~5 s).
@@ -302,7 +304,10 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
         completed = True
     finally:
         if pool is not None:
-            pool.terminate() if not completed else pool.close()
+            if completed:
+                pool.close()
+            else:  # stop the workers now rather than let them tokenise the rest of the input
+                pool.terminate()
             pool.join()
         if not completed:
             for key, prefix in prefixes.items():

@@ -8,9 +8,10 @@ normalisation and kept whitespace (code indentation survives a round trip).
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 
 @dataclass
@@ -61,36 +62,70 @@ def train_sentencepiece(cfg: TokenizerTrainingConfig) -> str:
 
     out_dir = os.path.dirname(os.path.abspath(cfg.model_prefix)) or "."
     os.makedirs(out_dir, exist_ok=True)
-    # Train under a temporary prefix in the same directory, then move: a killed run must not
-    # leave a half-written .model that a later build would accept as up to date.
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-train-") as tmp:
-        tmp_prefix = os.path.join(tmp, "model")
-        # The seed drives sentence sampling/shuffling; TrainerSpec has no seed field of its own.
-        spm.set_random_generator_seed(cfg.seed)
-        spm.SentencePieceTrainer.train(
-            input=cfg.input,
-            model_prefix=tmp_prefix,
-            vocab_size=cfg.vocab_size,
-            model_type=cfg.model_type,
-            character_coverage=cfg.character_coverage,
-            input_sentence_size=cfg.input_sentence_size,
-            shuffle_input_sentence=True,
-            seed_sentencepiece_size=1_000_000,
-            max_sentence_length=cfg.max_sentence_length,
-            num_threads=cfg.num_threads,
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            add_dummy_prefix=True,
-            train_extremely_large_corpus=False,
-            minloglevel=2,
-        )
-        for suffix in (".vocab", ".model"):  # .model last: its presence means "complete"
-            os.replace(tmp_prefix + suffix, cfg.model_prefix + suffix)
+    # Sentences are streamed in and the model comes back as bytes: with file arguments
+    # sentencepiece stores the input paths and model prefix inside the .model, so the same text
+    # trained in two directories would give two different files (and two tokenizer identities).
+    model_bytes = io.BytesIO()
+    # The seed drives sentence sampling/shuffling; TrainerSpec has no seed field of its own.
+    spm.set_random_generator_seed(cfg.seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(cfg.input),
+        model_writer=model_bytes,
+        vocab_size=cfg.vocab_size,
+        model_type=cfg.model_type,
+        character_coverage=cfg.character_coverage,
+        input_sentence_size=cfg.input_sentence_size,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=1_000_000,
+        max_sentence_length=cfg.max_sentence_length,
+        num_threads=cfg.num_threads,
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True,
+        minloglevel=2,
+    )
+    model_proto = _canonical_model_proto(model_bytes.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    vocab_lines = [f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size())]
+    # .vocab first, .model last, each via a temporary name: a killed run must not leave a
+    # half-written .model that a later build would accept.
+    _atomic_write(cfg.model_prefix + ".vocab", "".join(vocab_lines).encode("utf-8"))
+    _atomic_write(cfg.model_prefix + ".model", model_proto)
     return cfg.model_prefix + ".model"
+
+
+def _sentences(paths: list[str]) -> Iterator[str]:
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if line:
+                    yield line
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _canonical_model_proto(model_proto: bytes) -> bytes:
+    """Drops the thread count sentencepiece records in the model: it does not change the pieces
+    (checked for bpe), but would make the file's bytes, and so the tokenizer identity, depend on
+    the machine's core count."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # protobuf missing: keep the bytes as trained
+        return model_proto
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    model.trainer_spec.ClearField("num_threads")
+    return model.SerializeToString(deterministic=True)

@@ -8,6 +8,7 @@ size; preprocessing records it next to the ``.bin``/``.idx`` pair and training c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Any
@@ -118,6 +119,15 @@ def check_vocab_fits(tokenizer, vocab_size: int) -> None:
 
 
 def _sha256_files(paths: list[str]) -> str:
+    # Keyed on (path, size, mtime) so every rank and every prefix of a blend hashes a
+    # (possibly large) tokenizer.json once, and a replaced file is hashed again.
+    key = tuple((os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths)
+    return _sha256_files_cached(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_files_cached(key: tuple) -> str:
+    paths = [entry[0] for entry in key]
     digest = hashlib.sha256()
     for path in paths:
         # The name is hashed too, so moving bytes between files changes the identity.

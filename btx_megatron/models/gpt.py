@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -15,7 +17,10 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
 from .norms import LocalNorm
+from .routers import first_moe_layer_number, soft_layer_mlp
 from .specs import HAVE_TE, layer_spec, resolve_transformer_impl
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,7 +55,7 @@ def transformer_config(cfg) -> TransformerConfig:
             moe_pad_expert_input_to_capacity=False,
             # Switch top-1 keeps the gate probability of a full softmax (pre-softmax form);
             # otherwise a top-1 gate is identically 1 and the router never learns.
-            moe_router_pre_softmax=m.moe_router_type == "switch",
+            moe_router_pre_softmax=m.moe_router_type in ("switch", "sample-top1"),
             moe_router_dtype=m.moe_router_dtype,
             moe_permute_fusion=False,
         )
@@ -96,6 +101,11 @@ def transformer_config(cfg) -> TransformerConfig:
         gradient_accumulation_fusion=on_gpu and impl == "transformer_engine",
         cross_entropy_loss_fusion=on_gpu,
         calculate_per_token_loss=True,
+        # gloo matches messages between two ranks in posting order. Batched p2p posts sends and
+        # receives in an order that crosses activations and gradients when both pipeline
+        # neighbours are the same rank (PP=2, interleaved); individual ops are ordered by rank
+        # parity and match correctly.
+        batch_p2p_comm=on_gpu,
         deterministic_mode=t.deterministic,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method if t.recompute_granularity == "full" else None,
@@ -116,6 +126,15 @@ def _effective_topk(m) -> int:
 def _block_spec(cfg, impl: str, tconfig: TransformerConfig, vp_stage: int | None) -> ModuleSpec:
     layer = layer_spec(cfg.model, impl)
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    layer_specs = [layer] * num_layers
+    if cfg.model.moe_router_type == "sample-top1" and cfg.model.is_moe:
+        # The first MoE layer routes softly (all experts); token dispatchers size their buffers
+        # from the layer's top-k, so that layer gets its own MoE spec.
+        first = first_moe_layer_number(tconfig) - 1 - get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
+        if 0 <= first < num_layers:
+            layer_specs[first] = dataclasses.replace(
+                layer, submodules=dataclasses.replace(layer.submodules, mlp=soft_layer_mlp(layer.submodules.mlp))
+            )
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -124,7 +143,7 @@ def _block_spec(cfg, impl: str, tconfig: TransformerConfig, vp_stage: int | None
         final_norm = LocalNorm
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+        submodules=TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm),
     )
 
 

@@ -49,7 +49,9 @@ def resolve_transformer_impl(requested: str) -> str:
 
 def _with_router(moe_spec: functools.partial, model_cfg) -> functools.partial:
     submodules = moe_spec.keywords["submodules"]
-    submodules = dataclasses.replace(submodules, router=router_class(model_cfg.moe_router_type))
+    submodules = dataclasses.replace(submodules, router=router_class(
+        model_cfg.moe_router_type, sample_temperature_rate=model_cfg.moe_sample_temperature_rate
+    ))
     return functools.partial(moe_spec.func, *moe_spec.args, **{**moe_spec.keywords, "submodules": submodules})
 
 

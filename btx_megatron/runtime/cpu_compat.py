@@ -107,7 +107,9 @@ def _cpu_rng_set(new_state, device=-1, graph_safe=False):
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device *string* works as a `device=` argument everywhere, including inside autograd
+    # backward functions, where the TorchFunctionMode below is not active.
+    cuda.current_device = lambda: "cpu"
     cuda.device_count = lambda: 1
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -141,28 +140,32 @@ def test_interrupted_run_leaves_no_dataset_and_keeps_the_old_one(tmp_path, token
 
 
 def test_killed_process_leaves_no_pair(tmp_path, tokenizer_model):
+    """SIGKILL mid-write (no cleanup code runs): no .bin/.idx pair appears."""
+    from btx_megatron.data import validate_prefix
     from btx_megatron.data.math_problems import math_document
 
-    write_jsonl(str(tmp_path / "big.jsonl"), [math_document(1, i) for i in range(20000)])
-    prefix = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", str(tmp_path / "big.jsonl"),
-         "--output-prefix", str(prefix), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
-         "--append-eod", "--log-interval", "100"],
-        stderr=subprocess.PIPE, text=True,
-    )
-    # Kill once it reports progress, i.e. mid-write.
-    line = proc.stderr.readline()
-    while line and "processed" not in line:
-        line = proc.stderr.readline()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert "processed" in line
+    jsonl = write_jsonl(str(tmp_path / "big.jsonl"), [math_document(1, i) for i in range(3000)])
+    prefix = str(tmp_path / "killed")
+    log_path = tmp_path / "progress.log"
+    pid = os.fork()  # the child inherits the imports, so this costs no interpreter start-up
+    if pid == 0:
+        try:
+            with open(log_path, "w") as log:
+                preprocess(PreprocessConfig(input=[jsonl], output_prefix=prefix, tokenizer_type="SentencePieceTokenizer",
+                                            tokenizer_model=tokenizer_model, append_eod=True, log_interval=50), log_stream=log)
+        finally:
+            os._exit(0)
+    deadline = time.time() + 60
+    while time.time() < deadline and "processed" not in (log_path.read_text() if log_path.exists() else ""):
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), "the child finished before it was killed; give it more input"
+    assert "processed" in log_path.read_text()
+    assert any(".tmp-" in p.name for p in tmp_path.iterdir())  # it was mid-write
     assert not os.path.exists(f"{prefix}.bin") and not os.path.exists(f"{prefix}.idx")
-    from btx_megatron.data import validate_prefix
-
     with pytest.raises(ValueError, match="run tools/preprocess_data.py"):
-        validate_prefix(str(prefix))
+        validate_prefix(prefix)
 
 
 def test_cli_main(tmp_path, tokenizer_model, capsys):
@@ -178,3 +181,35 @@ def test_cli_main(tmp_path, tokenizer_model, capsys):
     rc = preprocess_data.main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "x"),
                                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_hugging_face_tokenizer_directory(tmp_path):
+    """A local HF tokenizer directory (tokenizer.json) through Megatron's HuggingFaceTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from btx_megatron.data import build_pretraining_datasets
+    from btx_data_testlib import DataCfg
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(ROUND_TRIP_TEXTS * 20, trainer)
+    directory = tmp_path / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>").save_pretrained(str(directory))
+
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(directory))
+    assert tokenizer.eod == hf.token_to_id("<|endoftext|>")
+    result = preprocess(PreprocessConfig(input=[write_jsonl(str(tmp_path / "in.jsonl"), ROUND_TRIP_TEXTS * 3)],
+                                         output_prefix=str(tmp_path / "hfds"), tokenizer_type="HuggingFaceTokenizer",
+                                         tokenizer_model=str(directory), append_eod=True, log_interval=0))
+    documents = _read_documents(str(tmp_path / "hfds"))
+    assert [tokenizer.detokenize(d[:-1]) for d in documents] == ROUND_TRIP_TEXTS * 3
+    cfg = DataCfg(data_path=[str(tmp_path / "hfds")], split="1,0,0", tokenizer_type="HuggingFaceTokenizer",
+                  tokenizer_model=str(directory), data_cache_path=str(tmp_path / "cache"))
+    train, _, _ = build_pretraining_datasets(cfg, tokenizer, seq_length=16, seed=1, num_samples=(8, 0, 0))
+    assert len(train) >= 8 and result.num_documents == len(documents)
+    with pytest.raises(ValueError, match="is not a directory"):
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "in.jsonl"))

@@ -1,0 +1,156 @@
+"""Reading Hugging Face weight files, progress reporting and the single-process set-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt",
+)
+# Buffers older Llama checkpoints saved that are recomputed by the model.
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class HFWeights:
+    """Lazy access to the tensors of a Hugging Face model directory.
+
+    Accepts ``model.safetensors``, ``model.safetensors.index.json`` + shards,
+    ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` + shards. Only one ``.bin`` shard
+    is held at a time (memory-mapped); safetensors are read tensor by tensor.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = Path(hf_dir)
+        self.weight_map: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
+        self._bin_name: str | None = None
+        self._bin: dict[str, torch.Tensor] | None = None
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = self.dir / index_name
+            if index.is_file():
+                try:
+                    self.weight_map = dict(json.loads(index.read_text())["weight_map"])
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise ValueError(f"{index} is not a valid weight index ({exc}).") from exc
+                break
+            if (self.dir / single).is_file():
+                self.weight_map = {name: single for name in self._names_in(single)}
+                break
+        else:
+            raise ValueError(
+                f"--hf-dir {self.dir} has no weights: expected model.safetensors, "
+                "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json."
+            )
+        missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
+        if missing:
+            raise ValueError(f"--hf-dir {self.dir}: the index names shard(s) that are missing: {missing}.")
+        self.weight_map = {k: v for k, v in self.weight_map.items() if not k.endswith(IGNORED_HF_SUFFIXES)}
+
+    def _names_in(self, filename: str) -> list[str]:
+        if filename.endswith(".safetensors"):
+            return list(self._safetensors(filename).keys())
+        return list(self._load_bin(filename).keys())
+
+    def _safetensors(self, filename: str):
+        from safetensors import safe_open
+
+        if filename not in self._handles:
+            self._handles[filename] = safe_open(str(self.dir / filename), framework="pt")
+        return self._handles[filename]
+
+    def _load_bin(self, filename: str) -> dict[str, torch.Tensor]:
+        if self._bin_name != filename:
+            self._bin = None  # release the previous shard first
+            self._bin = torch.load(self.dir / filename, map_location="cpu", mmap=True, weights_only=True)
+            self._bin_name = filename
+        return self._bin
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        filename = self.weight_map[name]
+        if filename.endswith(".safetensors"):
+            return tuple(self._safetensors(filename).get_slice(name).get_shape())
+        return tuple(self._load_bin(filename)[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ValueError(f"--hf-dir {self.dir}: tensor {name} is missing from the weights/index.")
+        filename = self.weight_map[name]
+        if filename.endswith(".safetensors"):
+            return self._safetensors(filename).get_tensor(name)
+        if name not in self._load_bin(filename):
+            raise ValueError(f"--hf-dir {self.dir}: the index maps {name} to {filename}, which lacks it.")
+        return self._bin[name]
+
+
+class Progress:
+    """``[tag] 12/40 tensors  120.5/500.0 MB  85.3 MB/s`` on stderr (one line, refreshed)."""
+
+    def __init__(self, tag: str, total_items: int, total_bytes: int, enabled: bool = True):
+        self.tag, self.total_items, self.total_bytes = tag, total_items, total_bytes
+        self.items = self.bytes = 0
+        self.start = self._last = time.perf_counter()
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+
+    def update(self, items: int, nbytes: int) -> None:
+        self.items += items
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.enabled and (self.tty or now - self._last > 5 or self.items == self.total_items):
+            self._last = now
+            end = "\r" if self.tty and self.items < self.total_items else "\n"
+            print(f"[{self.tag}] {self.line()}", end=end, file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (f"{self.items}/{self.total_items} tensors  {self.bytes / 1e6:.1f}/"
+                f"{self.total_bytes / 1e6:.1f} MB  {self.bytes / 1e6 / elapsed:.1f} MB/s")
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def single_process_group() -> None:
+    """Megatron-Core at TP=PP=EP=1 on one process (dist_checkpointing needs a process group)."""
+    from ..config import ParallelConfig
+    from ..runtime.distributed import initialize_distributed
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        raise ValueError("tools/convert_hf.py runs as one process; launch it with python, not torchrun/srun.")
+    initialize_distributed(ParallelConfig(), seed=0)
+
+
+def staging_dir_for(output: Path) -> Path:
+    """A temporary sibling of ``output`` (same file system, so the final move is a rename)."""
+    import uuid
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    path.mkdir()
+    return path
+
+
+def copy_tokenizer_files(src: Path | None, dst: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    if src is None or not src.is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES + extra:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,147 @@
+"""Merge dense BTX branch checkpoints into one MoE checkpoint (Branch-Train-MiX).
+
+    python tools/merge_branches.py --branch math=ckpt/math --branch code=ckpt/code \
+        --branch wiki=ckpt/wiki [--seed-expert ckpt/seed] --output ckpt/moe
+
+    torchrun --nproc-per-node 8 tools/merge_branches.py ...    # same, work and memory split 8 ways
+    srun -N 2 --ntasks-per-node 8 python tools/merge_branches.py ...
+
+Expert i of every layer is branch i's FFN (in the order given); every other weight is the
+average of the branches; the router is new. Variants: --split-experts C, --blend-experts,
+--upcycle-from DIR --num-experts N. The output is a checkpoint ROOT (iter_0000000) with no
+optimizer state that the mix phase loads at any TP/PP/EP layout. See btx_megatron/btx/merge_io.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _name_value(flag: str):
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise argparse.ArgumentTypeError(f"{flag} expects NAME=VALUE, got {text!r}")
+        return name, value
+
+    return parse
+
+
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--weights expects NAME=W,NAME=W,..., got {item!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    src = p.add_argument_group("sources")
+    src.add_argument("--branch", action="append", default=[], type=_name_value("--branch"), metavar="NAME=DIR",
+                     help="dense branch checkpoint (ROOT or iter dir); repeat; expert order = order given")
+    src.add_argument("--seed-expert", metavar="DIR", help="add the seed model's FFN as a last expert named 'seed'")
+    src.add_argument("--upcycle-from", metavar="DIR", help="sparse upcycling: every expert a copy of this dense FFN")
+    src.add_argument("--num-experts", type=int, help="experts for --upcycle-from")
+    src.add_argument("--upcycle-noise", type=float, default=0.0,
+                     help="Gaussian noise added to each upcycled expert weight, relative to the weight's std")
+    src.add_argument("--full-hash", action="store_true",
+                     help="provenance hash over every byte of the sources (default: metadata + sampled bytes)")
+    src.add_argument("--allow-duplicates", action="store_true",
+                     help="accept the same checkpoint more than once (ablations and tests)")
+    m = p.add_argument_group("merge")
+    m.add_argument("--weights", type=_weights, metavar="NAME=W,...",
+                   help="averaging weights for the non-expert weights (default uniform over --branch; "
+                        "the seed expert gets 0 unless named)")
+    m.add_argument("--split-experts", type=int, metavar="C", help="cut each FFN into C experts (N*C experts)")
+    m.add_argument("--split-scale", choices=("exact", "megatron", "none"), default="exact",
+                   help="compensating scale for split experts: exact (fc2 x C: equal-weight routing over the "
+                        "C chunks reproduces the dense FFN), megatron (Megatron-Core granular upcycling), none")
+    m.add_argument("--blend-experts", action="store_true", help="expert n = n-th FFN chunk of every branch")
+    m.add_argument("--moe-router-topk", type=int, dest="topk",
+                   help="top-k the mix phase will use (default: the branches' setting); split multiplies it")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the sources')")
+    r = p.add_argument_group("router")
+    r.add_argument("--router-init", choices=("random", "centroid"), default="random")
+    r.add_argument("--router-seed", type=int, default=1234)
+    r.add_argument("--centroid-data", action="append", default=[], type=_name_value("--centroid-data"),
+                   metavar="NAME=PREFIX", help="each branch's data prefix for --router-init centroid")
+    r.add_argument("--centroid-file", help="precomputed centroids (torch.save of {'names', 'centroids' [N, L, H]})")
+    r.add_argument("--centroid-samples", type=int, default=16, help="sequences per domain for centroids")
+    r.add_argument("--centroid-seq-length", type=int, help="default: the branches' seq length")
+    r.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"))
+    r.add_argument("--tokenizer-model")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, metavar="DIR", help="new checkpoint ROOT")
+    o.add_argument("--overwrite", action="store_true", help="replace --output (only once the new one is complete)")
+    o.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def options_from_args(args):
+    from btx_megatron.btx.merge_io import MergeOptions
+
+    if args.split_experts and args.blend_experts:
+        raise ValueError("choose one of --split-experts and --blend-experts.")
+    if args.upcycle_from and (args.split_experts or args.blend_experts):
+        raise ValueError("--upcycle-from cannot be combined with --split-experts/--blend-experts.")
+    if args.num_experts is not None and not args.upcycle_from:
+        raise ValueError("--num-experts applies to --upcycle-from; BTX makes one expert per --branch.")
+    method = "split" if args.split_experts else "blend" if args.blend_experts else "upcycle" if args.upcycle_from else "btx"
+    if args.router_init == "random" and (args.centroid_data or args.centroid_file):
+        raise ValueError("--centroid-data/--centroid-file need --router-init centroid.")
+    centroids, names = None, None
+    if args.centroid_file:
+        import torch
+
+        saved = torch.load(args.centroid_file, map_location="cpu", weights_only=True)
+        centroids, names = saved["centroids"], list(saved["names"])
+    opts = MergeOptions(
+        branches=list(args.branch), output=args.output, seed_expert=args.seed_expert,
+        upcycle_from=args.upcycle_from, num_experts=args.num_experts, method=method,
+        split=args.split_experts or 1, split_scale=args.split_scale, upcycle_noise=args.upcycle_noise,
+        weights=args.weights, router_init=args.router_init, router_seed=args.router_seed, topk=args.topk,
+        overwrite=args.overwrite, full_hash=args.full_hash, allow_duplicates=args.allow_duplicates,
+        progress=not args.quiet, dtype=args.dtype, centroids=centroids,
+        centroid_data=dict(args.centroid_data) or None, centroid_samples=args.centroid_samples,
+        centroid_seq_length=args.centroid_seq_length, tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+    )
+    if names is not None:
+        want = [n for n, _ in opts.branches] + (["seed"] if opts.seed_expert else [])
+        if opts.upcycle_from:
+            want = ["upcycle"]
+        if names != want:
+            raise ValueError(f"--centroid-file {args.centroid_file} holds centroids for {names}, the sources are {want}.")
+        opts.centroid_info = {"file": args.centroid_file}
+    return opts
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|deprecated|DEPRECATED).*")
+    from btx_megatron.btx.merge_io import run_merge
+
+    try:
+        opts = options_from_args(args)
+        out = run_merge(opts)
+    except ValueError as exc:
+        print(f"merge_branches: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"merge_branches: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
