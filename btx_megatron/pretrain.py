@@ -27,6 +27,29 @@ def resolve_vocab(cfg: Config) -> None:
     d.vocab_size = cfg.model.vocab_size
 
 
+def preflight(cfg: Config) -> None:
+    """Checks on paths and the environment that must fail before any model is built."""
+    from btx_megatron import checkpoint_format as fmt
+    from btx_megatron.models.specs import resolve_transformer_impl
+
+    impl = resolve_transformer_impl(cfg.model.transformer_impl)
+    if cfg.precision.fp8_format and impl != "transformer_engine":
+        raise ValueError(
+            f"--fp8-format {cfg.precision.fp8_format} needs Transformer Engine, which is not "
+            "importable here; drop --fp8-format (bf16 still works) or run in the cluster's TE container."
+        )
+    ck = cfg.checkpoint
+    if ck.load:
+        own_resume = ck.save and fmt.read_tracker(ck.save) is not None
+        if not own_resume:
+            fmt.resolve(ck.load, "--load")
+    if ck.save and not ck.load and not ck.overwrite_save and fmt.read_tracker(ck.save) is not None:
+        raise ValueError(
+            f"--save {ck.save} already holds checkpoints of another run, and --load is not given. "
+            f"Resume it with --load {ck.save}, pick a new --save directory, or pass --overwrite-save."
+        )
+
+
 def run(cfg: Config, argv: list[str] | None = None, stage: str = "pretrain", trainer_cls=None):
     """Initialise distributed state for ``cfg`` and train; returns the TrainResult."""
     from btx_megatron.models import virtual_pipeline_size
@@ -34,6 +57,7 @@ def run(cfg: Config, argv: list[str] | None = None, stage: str = "pretrain", tra
     from btx_megatron.training.trainer import Trainer, configure_logging
 
     configure_logging()
+    preflight(cfg)
     resolve_vocab(cfg)
     cfg.validate_layout(read_launch_env().world_size)
     initialize_distributed(cfg.parallel, cfg.train.seed, virtual_pipeline_size=virtual_pipeline_size(cfg))

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"merge_branches: error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if not args.quiet and rank == "0":
         print(f"merge_branches: wrote {out}", file=sys.stderr)
     return 0
 

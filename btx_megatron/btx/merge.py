@@ -73,10 +73,12 @@ class Accumulator:
     def add(self, tensor: torch.Tensor, weight: float) -> None:
         if weight == 0.0:
             return
+        # In-place type promotion: the float64 sum reads the source dtype directly, without a
+        # float64 temporary (same value as tensor.double() * weight added to the sum).
         if weight == 1.0:
-            self.sum += tensor.to(torch.float64)
+            self.sum.add_(tensor)
         else:
-            self.sum += tensor.to(torch.float64) * weight
+            self.sum.add_(tensor, alpha=weight)
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         out = self.sum if self.weight_sum == 1.0 else self.sum / self.weight_sum

@@ -351,8 +351,8 @@ def prepare(opts: MergeOptions) -> dict:
     if out.exists() and not opts.overwrite:
         raise ValueError(f"--output {out} exists; pass --overwrite to replace it (replaced only at the end).")
     if opts.upcycle_from:
-        if opts.branches:
-            raise ValueError("--upcycle-from makes every expert from one dense model; drop --branch.")
+        if opts.branches or opts.seed_expert:
+            raise ValueError("--upcycle-from makes every expert from one dense model; drop --branch/--seed-expert.")
         sources = [inspect_source("upcycle", opts.upcycle_from, "--upcycle-from", opts.full_hash)]
         method = "upcycle"
     else:
@@ -491,14 +491,22 @@ def run_merge(opts: MergeOptions) -> Path:
             torch.distributed.barrier()
             written = _dir_bytes(iter_dir) if rank == 0 else 0
             save_s = time.perf_counter() - t_save
+            status = "ok"
             if rank == 0:
                 if opts.progress:
                     print(f"[merge] wrote {written / 2**20:,.1f} MiB in {save_s:.2f}s "
                           f"({written / 2**20 / max(save_s, 1e-9):,.1f} MiB/s); read phase {read_s:.2f}s",
                           file=sys.stderr, flush=True)
-                fmt.write_json_atomic(iter_dir / fmt.MANIFEST, _manifest(info, opts, world))
-                fmt.write_text_atomic(staging / fmt.TRACKER, "0\n")
-                fmt.publish_directory(staging, output, opts.overwrite)
+                try:
+                    fmt.write_json_atomic(iter_dir / fmt.MANIFEST, _manifest(info, opts, world))
+                    fmt.write_text_atomic(staging / fmt.TRACKER, "0\n")
+                    fmt.publish_directory(staging, output, opts.overwrite)
+                except (OSError, ValueError) as exc:
+                    status = f"could not publish {output}: {exc}"
+            # Every rank learns the outcome, so none waits in a barrier for a failed rank 0.
+            status = _broadcast(status)
+            if status != "ok":
+                raise ValueError(status)
             ok = True
         finally:
             # Every rank reaches here; rank 0 removes a staging directory left by a failure.
@@ -523,7 +531,8 @@ def _merge_units(mine: list[Unit], sources: list[Source], plan: core.ExpertPlan,
         if u.kind == "avg":
             accs[i] = core.Accumulator(u.shape, sum(weights))
         elif u.kind != "router":
-            outputs[i] = torch.zeros(u.shape, dtype=getattr(torch, u.dtype))
+            # Every element is written by fill_experts (blend's bias zeroes its own).
+            outputs[i] = torch.empty(u.shape, dtype=getattr(torch, u.dtype))
     for s_idx, src in enumerate(sources):
         request, targets = {}, []
         for i, u in enumerate(mine):
@@ -692,10 +701,11 @@ def _manifest(info: dict, opts: MergeOptions, world: int) -> dict:
         "consumed_samples": 0,
         "kind": "moe",
         "model": info["model"],
-        # Whole global tensors: the layout is whatever the mix phase loads it at.
+        # Whole global tensors, no per-rank state (RNG, optimizer): no layout to match. The
+        # world size is None so a resume never looks for per-rank RNG states.
         "layout": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
                    "virtual_pipeline_size": None, "expert_model_parallel_size": 1,
-                   "expert_tensor_parallel_size": 1, "data_parallel_size": world, "world_size": world,
+                   "expert_tensor_parallel_size": 1, "data_parallel_size": None, "world_size": None,
                    "use_distributed_optimizer": False},
         "optimizer": {"saved": False, "distributed": False, "sharding_type": None},
         "precision": precision,

@@ -85,6 +85,8 @@ def _yaml_to_sections(data: dict[str, Any], source: str) -> dict[str, dict[str, 
     lookup = {}
     for section, section_cls in SECTIONS.items():
         for f in dataclasses.fields(section_cls):
+            if "help" not in f.metadata:  # derived fields (DataConfig.vocab_size) are not options
+                continue
             lookup[f.name] = section
             lookup[_flag_name(f).lstrip("-").replace("-", "_")] = section
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}

@@ -277,6 +277,11 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
     if out_dtype not in DTYPES.values():
         raise ValueError(f"{source}: weights are {out_dtype}; pass --dtype float32/bfloat16/float16.")
 
+    tok_dir = _find_tokenizer_dir(ckpt_dir, manifest, tokenizer_dir)
+    special = _special_tokens(manifest, tok_dir)
+    # Built (and validated: Llama-style models only) before any tensor is read.
+    hf_cfg = hf_config_from_model(model_cfg, out_dtype, num_experts_per_tok=topk, special_tokens=special)
+
     groups = list(_read_groups(shapes))
     total_items = sum(len(g) for g in groups)
     total_bytes = sum(int(torch.Size(reader.shape(k)[len(i):]).numel()) * out_dtype.itemsize
@@ -296,9 +301,6 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
                 bar.update(1, nbytes)
         shard_names = writer.finish()
 
-        tok_dir = _find_tokenizer_dir(ckpt_dir, manifest, tokenizer_dir)
-        special = _special_tokens(manifest, tok_dir)
-        hf_cfg = hf_config_from_model(model_cfg, out_dtype, num_experts_per_tok=topk, special_tokens=special)
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         copied = copy_tokenizer_files(tok_dir, staging)
         gen_src = tok_dir / "generation_config.json" if tok_dir else None

@@ -17,11 +17,12 @@ balanced sample of the train documents, preprocesses everything into ``DIR/data/
 indexed datasets and writes ``DIR/manifest.json``. Every stage is deterministic given the config
 and the machine's files, and skipped when its outputs exist and match.
 
-Better real corpora exist on PyPI but were not used, to stay offline and small: NLTK's data
-(``nltk`` itself ships no corpora; ``nltk.download`` fetches them), and the Hugging Face
-``datasets`` package only downloads (e.g. wikitext-103 for ``wiki``, codeparrot for ``code``,
-GSM8K / MATH for ``math``). For a real experiment, preprocess those with
-``tools/preprocess_data.py`` instead of this module's output.
+Registry packages, checked against the PyPI list (none installed here): ``mathematics-dataset``
+(DeepMind's offline generator of school-level questions across algebra, arithmetic, calculus,
+probability; sympy-based) would be the better ``math`` source for breadth, but it gives answers
+without worked steps. For ``wiki`` and ``code`` nothing on PyPI ships a real corpus offline:
+``nltk``'s corpora and Hugging Face ``datasets`` (wikitext-103, codeparrot, GSM8K/MATH) are
+downloads. For a real experiment, preprocess those with ``tools/preprocess_data.py``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ from btx_megatron.data.math_problems import math_documents
 
 DOMAINS = ("math", "code", "wiki")
 SPLITS = ("train", "valid")
-CORPORA_VERSION = 1
+CORPORA_VERSION = 2
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 _MIN_DOC_CHARS = 200
+# Some Debian copyright files run to hundreds of KB of file lists; capping every prose document
+# keeps the round-robin mix balanced in characters, not only in document count.
+_MAX_WIKI_DOC_CHARS = 16_000
 
 
 @dataclass
@@ -275,12 +279,15 @@ def wiki_documents(seed: int) -> Iterator[dict]:
     for doc in itertools.chain.from_iterable(itertools.zip_longest(*sources, fillvalue=sentinel)):
         if doc is sentinel:
             continue
-        kept = []
+        kept, size = [], 0
         for paragraph in re.split(r"\n\s*\n", doc["text"]):
+            if size >= _MAX_WIKI_DOC_CHARS:
+                break
             key = hashlib.sha1(" ".join(paragraph.split()).encode()).digest()
             if paragraph.strip() and key not in seen:
                 seen.add(key)
                 kept.append(paragraph.strip("\n"))
+                size += len(paragraph)
         text = "\n\n".join(kept)
         if len(text) >= _MIN_DOC_CHARS:
             yield {"text": text + "\n", "source": doc["source"]}

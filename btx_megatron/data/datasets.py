@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import warnings
 from typing import Callable
 
 from btx_megatron.data.blend import Blend, parse_blend
@@ -123,6 +124,52 @@ def _build(cls, sizes, config, cache_dir, is_built_on_rank):
         return builder.build()
 
 
+_SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _restrict_splits(config, sizes: list, prefixes: list[str], split: str | None) -> None:
+    """Drops splits that are not asked for or that some prefix leaves empty (train: ValueError).
+
+    Megatron builds every split whose ``--split`` share is non-zero, even one asked for 0 samples,
+    and a split that holds no documents of some prefix makes ``GPTDataset`` loop forever looking
+    for an epoch with tokens in it (e.g. the default ``969,30,1`` on a prefix of < 500
+    documents gives the test split nothing). Only the dropped split's entry is removed from the
+    split matrix, so the other splits keep exactly the document ranges Megatron-LM gives them.
+    An empty valid/test split is returned as None with a warning (BTX reads per-domain eval sets);
+    an empty train split is an error.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for i, bookends in enumerate(config.split_matrix):
+        if bookends is not None and sizes[i] == 0:
+            config.split_matrix[i] = None
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)  # maps only the .idx: cheap
+        lengths = dataset.sequence_lengths
+        num_documents = len(lengths)
+        for i, bookends in enumerate(config.split_matrix):
+            if bookends is None:
+                continue
+            # The same rounding as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
+            begin = int(round(bookends[0] * float(num_documents)))
+            end = int(round(bookends[1] * float(num_documents)))
+            if end > begin and int(lengths[begin:end].sum()) > 0:
+                continue
+            message = (
+                f"--split {split!r} leaves the {_SPLIT_NAMES[i]} split of {prefix!r} "
+                f"({num_documents} documents) empty"
+            )
+            if i == 0:
+                raise ValueError(f"{message}: give train a larger share of --split or use a larger dataset.")
+            warnings.warn(
+                f"{message}, so no {_SPLIT_NAMES[i]} dataset is built although {sizes[i]} samples "
+                f"were asked for; give it a larger share of --split (or use --eval-domain sets).",
+                stacklevel=3,
+            )
+            config.split_matrix[i] = None
+        del dataset
+
+
 def _checked_blend(tokens, tokenizer, flag: str) -> Blend:
     blend = parse_blend(tokens, flag=flag)
     for prefix in blend.prefixes:
@@ -147,9 +194,10 @@ def build_pretraining_datasets(
     """
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
-    sizes = [int(n) for n in num_samples]
+    sizes = [None if n is None else int(n) for n in num_samples]
     if data_cfg.mock_data:
         config = _gpt_config(data_cfg, tokenizer, seq_length=seq_length, seed=seed, cache_dir=None)
+        _restrict_splits(config, sizes, [], None)
         return tuple(_build(MockGPTDataset, sizes, config, None, is_built_on_rank))
 
     if not data_cfg.data_path:
@@ -165,6 +213,7 @@ def build_pretraining_datasets(
         blend=blend.as_megatron(),
         split=data_cfg.split,
     )
+    _restrict_splits(config, sizes, blend.prefixes, data_cfg.split)
     return tuple(_build(GPTDataset, sizes, config, cache_dir, is_built_on_rank))
 
 

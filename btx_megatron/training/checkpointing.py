@@ -197,6 +197,14 @@ def check_compatible(cfg, manifest: dict, source: str) -> None:
                 f"{source} was saved with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"set --{key.replace('_', '-')} {saved[key]} or load a matching checkpoint."
             )
+    if saved.get("num_experts") and saved.get("moe_ffn_hidden_size") != cfg.model.moe_ffn_hidden_size and (
+        saved.get("moe_ffn_hidden_size") or saved.get("ffn_hidden_size")
+    ) != cfg.model.expert_ffn_hidden_size:
+        raise ValueError(
+            f"{source} has expert FFN size {saved.get('moe_ffn_hidden_size') or saved.get('ffn_hidden_size')} "
+            f"but this run has {cfg.model.expert_ffn_hidden_size}; set --moe-ffn-hidden-size "
+            f"{saved.get('moe_ffn_hidden_size')} (split experts are smaller than the dense FFN)."
+        )
     if saved.get("num_experts") != cfg.model.num_experts:
         raise ValueError(
             f"{source} has num_experts={saved.get('num_experts')!r} but this run has "
@@ -219,6 +227,7 @@ def load_checkpoint(cfg, model_chunks, optimizer=None, scheduler=None) -> tuple[
     )
     if load_optim:
         _check_optimizer_reshardable(cfg, manifest)
+        _prime_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
         state["opt_param_scheduler"] = None  # common state: loaded as saved
     same_world = manifest.get("layout", {}).get("world_size") == torch.distributed.get_world_size()
@@ -229,7 +238,8 @@ def load_checkpoint(cfg, model_chunks, optimizer=None, scheduler=None) -> tuple[
     loaded = dist_checkpointing.load(state, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     _assign_model(model_chunks, loaded)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # copies into fp32 main-param views of leaf parameters
+            optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
@@ -243,6 +253,25 @@ def load_checkpoint(cfg, model_chunks, optimizer=None, scheduler=None) -> tuple[
     if ck.finetune:
         return 0, 0
     return int(loaded.get("iteration", iteration)), int(loaded.get("consumed_samples", 0))
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Create empty Adam state (moments and step) so a sharded state dict can be built to load into.
+
+    Without Apex/TE, Megatron's distributed optimizer reads the ``step`` of torch's Adam state
+    when building its state dict; before the first step there is none.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
 
 
 def _check_optimizer_reshardable(cfg, manifest: dict) -> None:

@@ -149,7 +149,7 @@ class Trainer:
         samples = (
             t.train_iters * t.global_batch_size,
             num_evals * lg.eval_iters * t.global_batch_size,
-            lg.eval_iters * t.global_batch_size,
+            0,  # no test split: per-domain sets are the held-out evaluation
         )
         if d.mock_data or d.data_path:
             train, valid, _ = build_pretraining_datasets(

@@ -176,24 +176,28 @@ def test_export_of_import_is_bit_exact(kind, request, tmp_path):
     assert not list(tmp_path.glob(".hf.tmp-*"))
 
 
-def test_import_from_bin_and_tied_embeddings(tmp_path):
-    """pytorch_model.bin input and tie_word_embeddings=True (no output_layer key) round-trip."""
+def test_import_from_bin_bf16_and_tied_embeddings(tmp_path):
+    """pytorch_model.bin input, bfloat16 weights (kept as bf16) and tie_word_embeddings=True
+    (no output_layer key) round-trip bit for bit."""
     torch.manual_seed(2)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_SIZES, "num_hidden_layers": 2},
                                                                 tie_word_embeddings=True))
     src = tmp_path / "bin"
-    hf.save_pretrained(src)
+    hf.to(torch.bfloat16).save_pretrained(src)
     tensors = _hf_tensors(src)
     (src / "model.safetensors").unlink()
     torch.save(tensors, src / "pytorch_model.bin")
     root = import_hf(src, tmp_path / "ck", progress=False)
     ckpt_dir, _ = fmt.resolve(root)
-    assert fmt.read_manifest(ckpt_dir)["model"]["untie_embeddings_and_output_weights"] is False
+    manifest = fmt.read_manifest(ckpt_dir)
+    assert manifest["model"]["untie_embeddings_and_output_weights"] is False and manifest["precision"] == "bf16"
     out = export_hf(root, tmp_path / "out", progress=False)
     exported = _hf_tensors(out)
     assert sorted(exported) == sorted(tensors) and "lm_head.weight" not in exported
-    assert all(torch.equal(exported[k], v) for k, v in tensors.items())
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    for k, v in tensors.items():
+        assert v.dtype == torch.bfloat16 and exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["torch_dtype"] == "bfloat16"
 
 
 # --- layouts ------------------------------------------------------------------------------------

@@ -217,3 +217,17 @@ def test_works_with_the_projects_data_config(env):
     train, valid, _ = build_pretraining_datasets(cfg, env["tokenizer"], seq_length=SEQ, seed=1, num_samples=(8, 2, 0))
     evals = build_domain_eval_datasets(cfg, env["tokenizer"], seq_length=SEQ, seed=1, num_samples=4)
     assert len(train) >= 8 and len(evals["math"]) >= 4
+
+
+def test_small_prefix_with_the_default_split(env):
+    """969,30,1 on 60 documents leaves test empty. Megatron alone would loop forever building it;
+    here it is None (with a warning when samples were asked for), and an empty train is an error."""
+    cfg = _cfg(env, data_path=[env["digits"]], split="969,30,1")
+    train, valid, test = build_pretraining_datasets(cfg, env["tokenizer"], seq_length=SEQ, seed=1, num_samples=(16, 2, 0))
+    assert test is None and len(train) >= 16 and len(valid) >= 2
+    with pytest.warns(UserWarning, match=r"leaves the test split of .*digits.* \(60 documents\) empty"):
+        _, _, test = build_pretraining_datasets(cfg, env["tokenizer"], seq_length=SEQ, seed=1, num_samples=(16, 2, 2))
+    assert test is None
+    with pytest.raises(ValueError, match="leaves the train split .* empty"):
+        build_pretraining_datasets(_cfg(env, data_path=[env["digits"]], split="1,999,0"), env["tokenizer"],
+                                   seq_length=SEQ, seed=1, num_samples=(16, 2, 0))

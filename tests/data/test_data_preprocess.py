@@ -7,7 +7,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from btx_data_testlib import REPO_ROOT, ROUND_TRIP_TEXTS, preprocess_texts, train_tiny_tokenizer, write_jsonl

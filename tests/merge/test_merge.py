@@ -451,3 +451,23 @@ def test_cli_centroid_router_from_branch_data(work, tmp_path):
     no_code_data = argv[:6] + argv[8:-3] + ["--output", str(tmp_path / "o2"), "--quiet"]
     assert cli.main(no_code_data) == 2
     assert not (tmp_path / "o2").exists()
+
+
+def test_work_split_reads_each_slice_once_and_balances(work):
+    """With W processes every (key, layer) slice has one owner, and no owner reads more than
+    about 1/W of a branch (plus one slice): no process holds a whole branch model."""
+    from btx_megatron.btx.merge import ExpertPlan
+    from btx_megatron.btx.merge_io import assign_units, build_units, inspect_source
+
+    src = inspect_source("math", str(work["branches"][0][1]), "--branch")
+    units = build_units(src, ExpertPlan(num_sources=3), num_layers=L, num_experts=3, hidden=64)
+    keys = [(u.out_key, u.layer) for u in units]
+    assert len(keys) == len(set(keys))
+    total = sum(u.nbytes for u in units)
+    assert total == sum(u.nbytes for u in units if u.kind != "router") + L * 3 * 64 * 4
+    for world in (2, 4):
+        owner = assign_units(units, world)
+        biggest = max(u.nbytes for u in units)
+        for r in range(world):
+            share = sum(u.nbytes for u, o in zip(units, owner) if o == r)
+            assert share <= total / world + biggest, (world, r, share, total)

@@ -1,0 +1,34 @@
+#!/bin/bash
+# BTX branch 'math': Llama-2 7B seed continued on the math data (paper budget: 48000 steps of 4M tokens).
+#
+#   sbatch --account=ACCOUNT --partition=PARTITION slurm/branch_math.sh       # from the repository root
+#   SEED_CKPT=/ckpt/llama2-7b OUT_DIR=/runs/btx sbatch -A ACCOUNT -p PARTITION --nodes=16 slurm/branch_math.sh
+#
+# Variables a user sets (environment at submission, or edit the defaults below):
+#   SEED_CKPT, OUT_DIR, DATA_DIR, TOKENIZER_MODEL, TRAIN_ITERS; account/partition/nodes on the
+#   sbatch command line. Everything else (NCCL environment, flag arrays, first start vs requeue,
+#   signal handling) is in slurm/branch.sbatch.
+#
+#SBATCH --job-name=btx-math
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+set -euo pipefail
+DOMAIN=math
+SEED_CKPT=${SEED_CKPT:-/ckpt/llama2-7b-megatron}
+OUT_DIR=${OUT_DIR:-/runs/btx-llama2-7b}
+DATA_DIR=${DATA_DIR:-/data/btx}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-$SEED_CKPT/tokenizer.model}
+DATA_PATH=${DATA_PATH:-"1.0 ${DATA_DIR}/math_text_document"}
+EVAL_DATA=${EVAL_DATA:-$DATA_DIR/math_valid_text_document}
+TRAIN_ITERS=${TRAIN_ITERS:-48000}
+BTX_ROOT=${BTX_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+source "$BTX_ROOT/slurm/branch.sbatch"
