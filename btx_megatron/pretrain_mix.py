@@ -158,6 +158,18 @@ def check_against_checkpoint(cfg: Config, source: MixSource) -> None:
         )
 
 
+def check_router_options(cfg: Config) -> None:
+    """Router/balancing combinations the routers refuse only once the model is built (after
+    distributed start-up); caught here first. (Candidates for ModelConfig.__post_init__.)"""
+    m = cfg.model
+    if m.moe_router_type in ("soft", "sample-top1") and m.moe_router_load_balancing_type == "sinkhorn":
+        raise ValueError(
+            f"--moe-router-load-balancing-type sinkhorn chooses the experts itself and works with "
+            f"--moe-router-type topk or switch only, not {m.moe_router_type}; use aux_loss, "
+            "seq_aux_loss, global_aux_loss or none."
+        )
+
+
 def prepare(argv: Sequence[str], world_size: int | None = None) -> tuple[Config, MixSource]:
     """Parse the mix-phase command line against its checkpoint; raise ValueError on mismatch.
 
@@ -174,6 +186,7 @@ def prepare(argv: Sequence[str], world_size: int | None = None) -> tuple[Config,
 
     resolve_vocab(cfg)
     check_against_checkpoint(cfg, source)
+    check_router_options(cfg)
     if world_size is not None:
         cfg.validate_layout(world_size)
     if source.from_merge:

@@ -348,8 +348,6 @@ class LocalRunner:
         return env
 
     def start(self, run: RunPlan, concurrent: int, free_gpus: list[int]) -> _Running:
-        if run.launch.nodes != 1:
-            raise ExperimentError(f"{run.name}: --local runs on one node; launch.nodes is {run.launch.nodes}.")
         taken = {r.port for r in self.running.values()}
         port = _free_port(taken)
         devices = [free_gpus.pop(0) for _ in range(run.launch.nproc_per_node)] if self.gpus else []
@@ -399,6 +397,13 @@ class LocalRunner:
                 pass
 
     def run(self, runs: list[RunPlan]) -> dict[str, int]:
+        for run in runs:  # refuse before the first start, not halfway through the queue
+            if run.launch.nodes != 1:
+                raise ExperimentError(f"{run.name}: --local runs on one node; launch.nodes is {run.launch.nodes} "
+                                      "(use --slurm).")
+            if self.gpus and run.launch.nproc_per_node > self.gpus:
+                raise ExperimentError(f"{run.name}: launch.nproc_per_node {run.launch.nproc_per_node} exceeds the "
+                                      f"{self.gpus} GPUs of this machine.")
         capacity = self._capacity(runs)
         concurrent = min(capacity, len(runs))
         free_gpus = list(range(self.gpus))

@@ -177,7 +177,8 @@ def analyze(opts: RoutingAnalysisOptions) -> dict[str, Any]:
         "checkpoint": str(ckpt_dir), "iteration": iteration, "expert_names": names,
         "router_type": cfg.model.moe_router_type, "router_topk": cfg.model.moe_router_topk,
         "num_batches": opts.num_batches, "micro_batch_size": opts.micro_batch_size,
-        "seq_length": cfg.model.seq_length, "data_parallel_size": dp, "domains": {},
+        "seq_length": cfg.model.seq_length, "data_parallel_size": dp,
+        "domains_data": {name: list(prefixes) for name, prefixes in opts.domains.items()}, "domains": {},
     }
     for name, dataset in datasets.items():
         started = time.perf_counter()

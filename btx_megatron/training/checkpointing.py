@@ -239,7 +239,10 @@ def load_checkpoint(cfg, model_chunks, optimizer=None, scheduler=None) -> tuple[
     _assign_model(model_chunks, loaded)
     if load_optim:
         with torch.no_grad():  # copies into fp32 main-param views of leaf parameters
-            optimizer.load_state_dict(loaded["optimizer"])
+            if cfg.parallel.use_distributed_optimizer:
+                _load_distributed_optimizer_state(optimizer, loaded["optimizer"])
+            else:
+                optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
@@ -255,13 +258,19 @@ def load_checkpoint(cfg, model_chunks, optimizer=None, scheduler=None) -> tuple[
     return int(loaded.get("iteration", iteration)), int(loaded.get("consumed_samples", 0))
 
 
-def _prime_optimizer_state(optimizer) -> None:
-    """Create empty Adam state (moments and step) so a sharded state dict can be built to load into.
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
-    Without Apex/TE, Megatron's distributed optimizer reads the ``step`` of torch's Adam state
-    when building its state dict; before the first step there is none.
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Create zero Adam state (moments and a per-parameter ``step``) so that a sharded state dict
+    can be built to load into.
+
+    Without Apex/TE, Megatron's ``DistributedOptimizer.state_dict()`` reads torch Adam's
+    per-parameter ``step`` tensors, which do not exist before the first step (its
+    ``init_state_fn`` creates only the moments).
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
             continue
@@ -272,6 +281,53 @@ def _prime_optimizer_state(optimizer) -> None:
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
                     state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _load_distributed_optimizer_state(optimizer, loaded: Any) -> None:
+    """Restore each ``DistributedOptimizer`` (one per chained optimizer) from its loaded state.
+
+    ``DistributedOptimizer.load_state_dict`` alone is wrong with torch's Adam (no Apex/TE):
+    it gives every parameter the SAME ``step`` tensor (so Adam's per-parameter ``step += 1``
+    advances it once per parameter), the dp_reshardable loader then overwrites that step with
+    the placeholder captured when the sharded state dict was built (0 here: bias correction
+    restarts), and the fully_reshardable loader never supplies ``step`` at all and fails with
+    ``KeyError: 'step'``. So the common state (param groups incl. the saved step, grad scaler)
+    is loaded first, the per-parameter tensors (fp32 main params, moments) are loaded with
+    ``step`` taken out of the inner state, and each parameter then gets its own step tensor
+    holding the saved value.
+    """
+    opts = _inner_optimizers(optimizer)
+    if len(opts) == 1:
+        per_opt = [loaded]
+    else:
+        if len(loaded) != len(opts):
+            raise ValueError(f"checkpoint holds {len(loaded)} optimizer states; this run has {len(opts)}")
+        per_opt = [v for _, v in sorted(loaded.items())]
+    for opt, state in zip(opts, per_opt):
+        state = dict(state)
+        param_state = state.pop("param_state", None)
+        sharding_type = state.pop("param_state_sharding_type", None)
+        opt.load_state_dict(state)
+        inner = opt.optimizer
+        steps = {float(s["step"]) for s in inner.state.values() if isinstance(s.get("step"), torch.Tensor)}
+        if len(steps) > 1:
+            raise RuntimeError(f"inconsistent Adam steps after loading the optimizer: {sorted(steps)}")
+        for s in inner.state.values():
+            s.pop("step", None)
+        if param_state is not None:
+            if sharding_type == "dp_reshardable":
+                opt.load_parameter_state_from_dp_reshardable(param_state)
+            elif sharding_type == "fully_reshardable":
+                opt.load_parameter_state_from_fully_reshardable(param_state)
+            else:
+                raise NotImplementedError(f"distributed optimizer sharding type {sharding_type!r}")
+        if steps:
+            step = steps.pop()
+            for s in inner.state.values():
+                s["step"] = torch.tensor(step, dtype=torch.float32)
+    if len(opts) > 1 and hasattr(optimizer, "_synchronize_steps"):
+        # Same as ChainedOptimizer.load_state_dict does (TE/Apex keep the step in param groups).
+        optimizer._synchronize_steps()
 
 
 def _check_optimizer_reshardable(cfg, manifest: dict) -> None:

@@ -361,6 +361,7 @@ class Trainer:
         window_start, window_iters = time.perf_counter(), 0
         from ..models import routers
 
+        loop_start = time.perf_counter()
         while self.iteration < t.train_iters:
             if hasattr(routers, "set_router_step"):
                 routers.set_router_step(self.model, self.iteration)
@@ -405,6 +406,7 @@ class Trainer:
                 exit_reason = "signal"
                 self._log(f"exit signal received at iteration {self.iteration}: saving and exiting")
                 break
+        self.loop_seconds = time.perf_counter() - loop_start
         final_eval = self.run_evaluation()
         eval_history.append(final_eval)
         if ck.save:

@@ -191,10 +191,11 @@ def test_refuses_dense_checkpoint(merged, tmp_path):
         (["--moe-router-topk", "5"], "--moe-router-topk 5 must be between 1 and --num-experts 4"),
         (["--hidden-size", "128"], "hidden_size=64"),
         (["--no-swiglu"], "swiglu=True"),
-        (["--moe-ffn-hidden-size", "64"], "experts of FFN size 128"),
+        (["--moe-ffn-hidden-size", "64"], "FFN size 128"),
         (["--moe-router-type", "soft", "--moe-expert-capacity-factor", "1.5"], "remove --moe-expert-capacity-factor"),
+        (["--moe-router-type", "sample-top1", "--moe-router-load-balancing-type", "sinkhorn"], "sinkhorn chooses the experts"),
     ],
-    ids=["num-experts", "topk", "hidden", "swiglu", "expert-ffn", "soft-capacity"],
+    ids=["num-experts", "topk", "hidden", "swiglu", "expert-ffn", "soft-capacity", "sample-sinkhorn"],
 )
 def test_bad_flags_are_refused_before_compute(merged, flags, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("=", "=").replace("(", r"\(")):
