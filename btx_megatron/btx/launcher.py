@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shlex
 import signal
 import socket
@@ -280,12 +281,24 @@ def check_seed(exp: Experiment, runs: list[RunPlan]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def _free_port(taken: set[int]) -> int:
-    while True:
+    """A free port below the kernel's ephemeral range (32768+ on Linux), where ports handed out
+    to other programs' outgoing connections and bind(0) calls would soon collide with ours:
+    the trainer binds it only after its imports, seconds later."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in taken:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in taken:
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free TCP port in 20000-32000 for the branch rendezvous")
+
+
+_PORT_RETRIES = 3
 
 
 def _cuda_device_count() -> int:
@@ -381,6 +394,15 @@ class LocalRunner:
         except (OSError, ValueError, KeyError):
             return 1
 
+    @staticmethod
+    def _lost_port_race(r: _Running) -> bool:
+        try:
+            text = (r.run.run_dir / "logs" / "train.log").read_text(errors="replace")
+        except OSError:
+            return False
+        attempt = text.rsplit("===== attempt ", 1)[-1].partition("\n")[2]  # output after the header line
+        return "EADDRINUSE" in attempt and "[pretrain] iter" not in attempt
+
     def _finish(self, r: _Running, code: int) -> None:
         r.log.close()
         fmt.write_json_atomic(r.run.run_dir / "exit.json", {"returncode": code, "ended": time.time(),
@@ -409,6 +431,7 @@ class LocalRunner:
         free_gpus = list(range(self.gpus))
         queue = list(runs)
         results: dict[str, int] = {}
+        retries: dict[str, int] = {}
         mode = "concurrently" if concurrent > 1 else "one after another"
         self.echo(f"[launch] {len(runs)} run(s) {mode} ({concurrent} at a time)")
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -431,6 +454,14 @@ class LocalRunner:
                     if code is not None:
                         del self.running[name]
                         free_gpus += r.devices
+                        if code != 0 and self._lost_port_race(r) and retries.get(name, 0) < _PORT_RETRIES:
+                            # Another program took the port between our check and the trainer's bind.
+                            retries[name] = retries.get(name, 0) + 1
+                            r.log.close()
+                            self.echo(f"[launch] {name}: port {r.port} was taken before the trainer bound it; "
+                                      "restarting on another port")
+                            queue.insert(0, r.run)
+                            continue
                         results[name] = code
                         self._finish(r, code)
                 time.sleep(self.poll_s)

@@ -280,3 +280,45 @@ def test_shared_script_first_start_then_requeue(tmp_path):
     second = calls.read_text().splitlines()[2]
     assert f"--load {save}" in second and "--finetune" not in second
     assert "resuming from" in proc.stdout
+
+
+def test_local_runner_restarts_a_run_that_lost_its_port(tmp_path, monkeypatch):
+    """The port is checked free before start but bound by the trainer seconds later; a run that
+    fails on EADDRINUSE before training is restarted on a new port (each run keeps its own)."""
+    import socket
+    import sys
+    import types
+
+    from btx_megatron.btx.experiment import Launch
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = held.getsockname()[1]
+    ports = iter([busy])
+    real_free_port = launcher._free_port
+    monkeypatch.setattr(launcher, "_free_port", lambda taken: next(ports, None) or real_free_port(taken))
+    # Stand-in trainer: binds MASTER_PORT like torch's TCPStore, then "trains" one iteration.
+    script = ("import os, socket, sys\n"
+              "s = socket.socket()\n"
+              "try:\n    s.bind(('127.0.0.1', int(os.environ['MASTER_PORT'])))\n"
+              "except OSError:\n    print('EADDRINUSE'); sys.exit(1)\n"
+              "print('[pretrain] iter 1/1', os.environ['MASTER_PORT'])\n")
+
+    def plan(name):
+        run_dir = tmp_path / name
+        return types.SimpleNamespace(
+            name=name, run_dir=run_dir, save_dir=run_dir / "checkpoints", launch=Launch(1, 1), init_checkpoint=None,
+            target_iters=1, local_command=lambda port, python, resume: [sys.executable, "-c", script],
+            resolved=lambda exp: {"run": name})
+
+    runs = [plan("a"), plan("b")]
+    echoed = []
+    results = launcher.LocalRunner(exp=None, max_concurrent=2, echo=echoed.append, poll_s=0.05).run(runs)
+    held.close()
+    assert results == {"a": 0, "b": 0}, echoed
+    assert any(f"port {busy} was taken" in line for line in echoed)
+    log_a = (tmp_path / "a" / "logs" / "train.log").read_text()
+    assert log_a.count("===== attempt") == 2 and "EADDRINUSE" in log_a
+    final_ports = {json.loads((tmp_path / n / "launch.json").read_text())["master_port"] for n in "ab"}
+    assert busy not in final_ports and len(final_ports) == 2

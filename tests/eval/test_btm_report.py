@@ -12,7 +12,7 @@ from btx_megatron.btx import btm
 from btx_megatron.btx.report import ResultRow, plot_loss_curves, read_train_curve, training_cost, write_report
 
 
-def _profiles(seed: int = 0, vocab: int = 50):
+def _profiles(seed: int = 0, vocab: int = 60):
     g = torch.Generator().manual_seed(seed)
     # Three "branches" drawing from different thirds of the vocabulary (plus shared ids 0..4).
     seqs = {}
@@ -27,7 +27,8 @@ def test_idf_and_profiles():
     prof, seqs = _profiles()
     # ids 0..4 occur in (almost) every document: lowest IDF; never-seen ids: the maximum.
     assert prof.idf[:5].max() < prof.idf[5:50].min()
-    assert prof.idf[49] == pytest.approx(math.log(61 / 1) + 1) or prof.idf[49] < math.log(61) + 1
+    assert prof.idf[55] == pytest.approx(math.log(61) + 1)  # 60 documents, id 55 in none
+    assert (prof.profiles[:, 50:] == 0).all()
     assert torch.allclose(prof.profiles.norm(dim=1), torch.ones(3, dtype=torch.float64))
     # A branch's own text is closest to its own profile.
     for b, name in enumerate(prof.names):
