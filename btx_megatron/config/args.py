@@ -65,7 +65,9 @@ def build_parser(description: str = "btx-megatron pretraining") -> argparse.Argu
             kind = _base_type(f.type)
             if kind is bool:
                 # Megatron-style store_true flags, plus --no-X for the ones that default on.
-                kwargs["action"] = argparse.BooleanOptionalAction
+                # `--no-load-optim` style flags are plain switches: BooleanOptionalAction would
+                # read their `--no-` prefix as a negation.
+                kwargs["action"] = "store_true" if _flag_name(f).startswith("--no-") else argparse.BooleanOptionalAction
             elif kind is list:
                 kwargs["nargs"] = f.metadata.get("nargs", "+")
             elif kind is dict:

@@ -202,8 +202,9 @@ def check_compatible(cfg, manifest: dict, source: str) -> None:
     ) != cfg.model.expert_ffn_hidden_size:
         raise ValueError(
             f"{source} has expert FFN size {saved.get('moe_ffn_hidden_size') or saved.get('ffn_hidden_size')} "
-            f"but this run has {cfg.model.expert_ffn_hidden_size}; set --moe-ffn-hidden-size "
-            f"{saved.get('moe_ffn_hidden_size')} (split experts are smaller than the dense FFN)."
+            f"but this run has {cfg.model.expert_ffn_hidden_size}; "
+            + (f"set --moe-ffn-hidden-size {saved['moe_ffn_hidden_size']} (split experts are smaller than the dense FFN)."
+               if saved.get("moe_ffn_hidden_size") else "drop --moe-ffn-hidden-size.")
         )
     if saved.get("num_experts") != cfg.model.num_experts:
         raise ValueError(

@@ -183,6 +183,8 @@ class Trainer:
 
     def prepare_output(self) -> None:
         ck = self.cfg.checkpoint
+        if self.cfg.logging.metrics_file:
+            self.metrics_path = Path(self.cfg.logging.metrics_file)
         if not ck.save:
             return
         save = Path(ck.save)
@@ -313,7 +315,7 @@ class Trainer:
                         if isinstance(vv, (int, float)):
                             self.tb.add_scalar(f"{record.get('type')}/{k}/{kk}", vv, step)
 
-    def _moe_stats(self) -> dict[str, Any]:
+    def _moe_stats(self, window_iters: int = 1) -> dict[str, Any]:
         if not self.cfg.model.is_moe:
             return {}
         out: dict[str, Any] = {}
@@ -324,7 +326,9 @@ class Trainer:
                 continue
             v = values.float()
             torch.distributed.all_reduce(v, group=parallel_state.get_pipeline_model_parallel_group())
-            out[name] = v.sum().item() / max(self.setup.num_microbatches, 1) / max(self.cfg.model.num_layers, 1)
+            # The tracker sums over layers, micro batches and the iterations of the window.
+            denom = max(self.setup.num_microbatches, 1) * max(self.cfg.model.num_layers, 1) * max(window_iters, 1)
+            out[name] = v.sum().item() / denom
         clear_aux_losses_tracker()
         from ..models import routers
 
@@ -373,7 +377,7 @@ class Trainer:
             if self.iteration % lg.log_interval == 0 or self.iteration == t.train_iters:
                 elapsed = time.perf_counter() - window_start
                 perf = self.throughput.report(tokens_per_iter * window_iters, elapsed)
-                moe = self._moe_stats()
+                moe = self._moe_stats(window_iters)
                 lr = info["lr"]
                 record = {
                     "type": "train", "iteration": self.iteration, "loss": loss, "lr": lr,

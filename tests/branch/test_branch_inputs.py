@@ -305,11 +305,14 @@ def test_local_runner_restarts_a_run_that_lost_its_port(tmp_path, monkeypatch):
               "except OSError:\n    print('EADDRINUSE'); sys.exit(1)\n"
               "print('[pretrain] iter 1/1', os.environ['MASTER_PORT'])\n")
 
+    fake_trainer = tmp_path / "fake_trainer.py"
+    fake_trainer.write_text(script)
+
     def plan(name):
         run_dir = tmp_path / name
         return types.SimpleNamespace(
             name=name, run_dir=run_dir, save_dir=run_dir / "checkpoints", launch=Launch(1, 1), init_checkpoint=None,
-            target_iters=1, local_command=lambda port, python, resume: [sys.executable, "-c", script],
+            target_iters=1, local_command=lambda port, python, resume: [sys.executable, str(fake_trainer)],
             resolved=lambda exp: {"run": name})
 
     runs = [plan("a"), plan("b")]
