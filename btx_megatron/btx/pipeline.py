@@ -93,7 +93,10 @@ _TEST_OVERRIDES = {
     "seed.train_iters": 24, "seed.train.lr_warmup_iters": 2,
     "branch_defaults.train.micro_batch_size": 4, "branch_defaults.train.global_batch_size": 4,
     "branch_defaults.train.lr_warmup_iters": 2,
-    "branch_defaults.checkpoint.save_interval": 4,
+    # Saving is most of a tiny step's cost: only the branches keep an intermediate checkpoint
+    # (the test resumes one from it). seed.checkpoint names a seed checkpoint, so the seed
+    # inherits branch_defaults' interval.
+    "branch_defaults.checkpoint.save_interval": 1000,
     "branch_defaults.logging.log_interval": 4, "branch_defaults.logging.eval_iters": 2,
     "mix.train_iters": 8, "mix.train.lr_warmup_iters": 2,
     "evaluation.eval_iters": 2,
@@ -112,6 +115,7 @@ def apply_scale(raw: dict, scale: str) -> tuple[dict, CorporaOptions]:
     for d in raw.get("domains") or []:
         d.pop("tokens", None)
         d["train_iters"] = 8
+        d.setdefault("checkpoint", {})["save_interval"] = 4
     for key in ("seed", "mix"):
         if isinstance(raw.get(key), dict):
             raw[key].pop("tokens", None)
@@ -356,21 +360,16 @@ class Pipeline:
     def upcycling_dir(self) -> Path:
         return self.out / "baselines" / "upcycling"
 
-    def _ensure(self, name: str, group: str, config: Any, inputs: dict[str, Any],
-                validate: Callable[[], Check], build: Callable[[Check], None]) -> dict[str, str]:
-        """Reuse stage ``name`` when it validates with the same config and inputs; else build it."""
+    def _decide(self, name: str, config: Any, inputs: dict[str, Any], validate: Callable[[], Check]):
+        """(reuse?, why not, check, config hash, inputs) for one stage record."""
         rec = self.state.stages.get(name)
         chash = config_hash(config)
         inputs = json.loads(json.dumps(inputs, sort_keys=True, default=str))
         check = validate()
-        if rec and rec.get("status") == "done" and check.ok and rec.get("config") == chash \
-                and rec.get("inputs") == inputs and rec.get("outputs") == check.fingerprint:
-            self.echo(f"[pipeline] {name}: up to date, reused")
-            self.timings.append(StageTiming(name, "reused", 0.0))
-            return check.fingerprint
-        if rec is None or rec.get("status") != "done":
+        if rec is None:
             why = check.reason if not check.ok else "outputs present but not recorded in stages.json"
-            why = why if rec is None or rec.get("status") == "done" else f"last attempt {rec.get('status')}"
+        elif rec.get("status") != "done":
+            why = f"last attempt {rec.get('status')}" + (f": {check.reason}" if not check.ok else "")
         elif not check.ok:
             why = f"output damaged or incomplete: {check.reason}"
         elif rec.get("config") != chash:
@@ -379,33 +378,72 @@ class Pipeline:
             changed = sorted(k for k in set(inputs) | set(rec.get("inputs", {}))
                              if inputs.get(k) != rec.get("inputs", {}).get(k))
             why = f"its inputs changed ({', '.join(changed)})"
-        else:
+        elif rec.get("outputs") != check.fingerprint:
             why = "its outputs changed since they were recorded"
+        else:
+            why = ""
+        return not why, why, check, chash, inputs
+
+    def _ensure(self, name: str, group: str, config: Any, inputs: dict[str, Any],
+                validate: Callable[[], Check], build: Callable[[Check], None]) -> dict[str, str]:
+        """Reuse stage ``name`` when it validates with the same config and inputs; else build it."""
+        return self._ensure_group(group, {name: (config, inputs, validate)},
+                                  lambda checks: build(checks[name]), label=name)[name]
+
+    def _ensure_group(self, group: str, members: dict[str, tuple], build: Callable[[dict[str, Check]], None],
+                      label: str) -> dict[str, dict[str, str]]:
+        """Stages built by one action (the branches: one launcher call; evaluation: one worker).
+
+        Members that are up to date are reused; ``build`` gets the checks of the others."""
+        results: dict[str, dict[str, str]] = {}
+        todo: dict[str, tuple] = {}
+        for name, (config, inputs, validate) in members.items():
+            reuse, why, check, chash, inputs = self._decide(name, config, inputs, validate)
+            if reuse:
+                self.echo(f"[pipeline] {name}: up to date, reused")
+                self.timings.append(StageTiming(name, "reused", 0.0))
+                results[name] = check.fingerprint
+            else:
+                todo[name] = (why, check, chash, inputs, validate)
+        if not todo:
+            return results
         if group not in self.selected:
+            name, (why, *_) = next(iter(todo.items()))
             raise PipelineError(f"stage {name} must (re)run ({why}) but --stages does not include {group}.")
-        self.echo(f"[pipeline] {name}: running ({why})")
-        rec = {"status": "running", "started": time.time(), "config": chash, "inputs": inputs,
-               "executions": int((self.state.stages.get(name) or {}).get("executions", 0)) + 1}
-        self.state.stages[name] = rec
+        now = time.time()
+        for name, (why, check, chash, inputs, _) in todo.items():
+            self.echo(f"[pipeline] {name}: running ({why})")
+            self.state.stages[name] = {
+                "status": "running", "started": now, "config": chash, "inputs": inputs,
+                "executions": int((self.state.stages.get(name) or {}).get("executions", 0)) + 1}
         self.state.save()
         started = time.perf_counter()
         try:
-            build(check)
-            check = validate()
-            if not check.ok:
-                raise PipelineError(f"stage {name} finished but its output does not validate: {check.reason}")
+            build({name: item[1] for name, item in todo.items()})
+            checks = {name: item[4]() for name, item in todo.items()}
+            bad = {n: c.reason for n, c in checks.items() if not c.ok}
+            if bad:
+                raise PipelineError("finished but the output does not validate: "
+                                    + "; ".join(f"{n}: {r}" for n, r in bad.items()))
         except BaseException as exc:
-            rec.update(status="failed", ended=time.time(), seconds=time.perf_counter() - started,
-                       error=str(exc)[-2000:])
+            for name in todo:
+                self.state.stages[name].update(status="failed", ended=time.time(),
+                                               seconds=round(time.perf_counter() - started, 2),
+                                               error=str(exc)[-2000:])
             self.state.save()
             raise
-        rec.update(status="done", ended=time.time(), seconds=round(time.perf_counter() - started, 2),
-                   outputs=check.fingerprint)
-        rec.pop("error", None)
+        seconds = round(time.perf_counter() - started, 2)
+        for name in todo:
+            self.state.stages[name].update(status="done", ended=time.time(), seconds=seconds,
+                                           outputs=checks[name].fingerprint)
+            if len(todo) > 1:
+                self.state.stages[name]["built_with"] = sorted(todo)
+            results[name] = checks[name].fingerprint
         self.state.save()
-        self.timings.append(StageTiming(name, "ran", rec["seconds"]))
-        self.echo(f"[pipeline] {name}: done in {rec['seconds']:.1f}s")
-        return check.fingerprint
+        shown = label if len(todo) == len(members) else f"{label} ({', '.join(todo)})"
+        self.timings.append(StageTiming(shown, "ran", seconds))
+        self.echo(f"[pipeline] {shown}: done in {seconds:.1f}s")
+        return results
 
     # ------------------------------------------------------------------ stage 1: corpora
     def corpora_dir(self) -> Path | None:
@@ -523,41 +561,21 @@ class Pipeline:
         return self._ensure(SEED_NAME, "seed", flags, {"corpora": corpora_fp}, self._train_check(plan), build)
 
     def stage_branches(self, seed_fp: dict) -> dict[str, dict[str, str]]:
-        """Every branch is its own stage record; the ones to (re)build run together (launcher)."""
-        todo, results = [], {}
-        pending: dict[str, tuple] = {}
+        """Every branch is its own stage record; the ones to (re)build start in one launcher call,
+        so they run concurrently where the machine has room."""
+        members = {}
         for name in self.branch_names:
             plan = self.plans[name]
-            flags = plan.base_argv()
-            stage = f"branch:{name}"
-            rec = self.state.stages.get(stage)
-            check = self._train_check(plan)()
-            inputs = json.loads(json.dumps({"seed": seed_fp}, sort_keys=True))
-            if rec and rec.get("status") == "done" and check.ok and rec.get("config") == config_hash(flags) \
-                    and rec.get("inputs") == inputs and rec.get("outputs") == check.fingerprint:
-                results[name] = self._ensure(stage, "branches", flags, inputs, self._train_check(plan), None)
-                continue
-            pending[name] = (plan, flags, stage, inputs)
-            todo.append(plan)
-        if not todo:
-            return results
-        # Roll back / clean each branch, then start all of them in one launcher call so they
-        # run concurrently where the machine has room; then record each one.
-        launched = {"done": False}
+            members[f"branch:{name}"] = (plan.base_argv(), {"seed": seed_fp}, self._train_check(plan))
 
-        def make_build(plan, flags):
-            def build(check: Check) -> None:
-                if not launched["done"]:
-                    for p, f, _, _ in pending.values():
-                        self._prepare_resume(p, Check(False), f)
-                    self._launch(todo)
-                    launched["done"] = True
-            return build
+        def build(checks: dict[str, Check]) -> None:
+            plans = [self.plans[stage.split(":", 1)[1]] for stage in checks]
+            for plan in plans:
+                self._prepare_resume(plan, checks[f"branch:{plan.name}"], plan.base_argv())
+            self._launch(plans)
 
-        for name, (plan, flags, stage, inputs) in pending.items():
-            results[name] = self._ensure(stage, "branches", flags, inputs, self._train_check(plan),
-                                         make_build(plan, flags))
-        return results
+        out = self._ensure_group("branches", members, build, label="branches")
+        return {stage.split(":", 1)[1]: fp for stage, fp in out.items()}
 
     # ------------------------------------------------------------------ merges
     def _merge_check(self, root: Path, label: str, num_experts: int) -> Callable[[], Check]:
@@ -770,43 +788,24 @@ class Pipeline:
             "tokenizer_type": self.exp.tokenizer_type, "tokenizer_model": self.exp.tokenizer_model,
             "num_samples": self.eval_num_samples(),
         }
-        out: dict[str, str] = {}
-        todo: dict[str, tuple] = {}
-        for name, model in models.items():
-            inputs = {"model": fps[name]}
-            config = {**spec_common, **model}
-            path = self.eval_dir / f"{name}.json"
-            stage = f"evaluate:{name}"
-            validate = _eval_check(path, list(self.exp.eval_domains))
-            rec = self.state.stages.get(stage)
-            check = validate()
-            if rec and rec.get("status") == "done" and check.ok and rec.get("config") == config_hash(config) \
-                    and rec.get("inputs") == json.loads(json.dumps(inputs, sort_keys=True)) \
-                    and rec.get("outputs") == check.fingerprint:
-                self._ensure(stage, "evaluate", config, inputs, validate, None)
-                out[name] = check.fingerprint["result"]
-                continue
-            todo[name] = (config, inputs, validate)
-        if todo:
-            spec = {**spec_common, "models": {n: models[n] for n in todo},
-                    "outputs": {n: str(self.eval_dir / f"{n}.json") for n in todo}}
-            ran = {"done": False}
+        members = {f"evaluate:{name}": ({**spec_common, **model}, {"model": fps[name]},
+                                        _eval_check(self.eval_dir / f"{name}.json", list(self.exp.eval_domains)))
+                   for name, model in models.items()}
 
-            def build(_: Check) -> None:
-                if ran["done"]:
-                    return
-                self.eval_dir.mkdir(parents=True, exist_ok=True)
-                spec_path = self.eval_dir / "eval_spec.json"
-                fmt.write_json_atomic(spec_path, spec)
-                for n in todo:
-                    (self.eval_dir / f"{n}.json").unlink(missing_ok=True)
-                run_logged([self.python, "-m", "btx_megatron.btx.pipeline", "eval-worker", str(spec_path)],
-                           self.out / "logs" / "evaluate.log", "evaluation", env=single_process_env(), echo=self.echo)
-                ran["done"] = True
+        def build(checks: dict[str, Check]) -> None:
+            names = [stage.split(":", 1)[1] for stage in checks]
+            spec = {**spec_common, "models": {n: models[n] for n in names},
+                    "outputs": {n: str(self.eval_dir / f"{n}.json") for n in names}}
+            self.eval_dir.mkdir(parents=True, exist_ok=True)
+            spec_path = self.eval_dir / "eval_spec.json"
+            fmt.write_json_atomic(spec_path, spec)
+            for n in names:
+                (self.eval_dir / f"{n}.json").unlink(missing_ok=True)
+            run_logged([self.python, "-m", "btx_megatron.btx.pipeline", "eval-worker", str(spec_path)],
+                       self.out / "logs" / "evaluate.log", "evaluation", env=single_process_env(), echo=self.echo)
 
-            for name, (config, inputs, validate) in todo.items():
-                out[name] = self._ensure(f"evaluate:{name}", "evaluate", config, inputs, validate, build)["result"]
-        return out
+        out = self._ensure_group("evaluate", members, build, label="evaluate")
+        return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
 
     # ------------------------------------------------------------------ routing and report
     def stage_routing(self, mix_fp: dict) -> dict[str, str]:
@@ -925,13 +924,26 @@ def eval_worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     common = {"tokenizer_type": spec["tokenizer_type"], "tokenizer_model": spec["tokenizer_model"],
               "num_samples": spec["num_samples"]}
-    for name, model in spec["models"].items():
+    from .evaluation import summarize
+
+    # BTM scores every branch alone on the same sequences on its way to the ensemble: run it
+    # first and take those figures for the branch rows instead of evaluating the branches twice.
+    order = sorted(spec["models"], key=lambda n: "btm" not in spec["models"][n])
+    alone: dict[str, dict] = {}
+    for name in order:
+        model = spec["models"][name]
         started = time.perf_counter()
         if "btm" in model:
             from .btm import BTMOptions, evaluate_btm
 
             result = evaluate_btm(model["btm"], model["train_data"], spec["domains"],
                                   btm=BTMOptions(topk=model["top_k"]), **common)
+            for branch, path in model["btm"].items():
+                alone[str(path)] = {"checkpoint": str(path), "kind": "dense", "scored_in": "btm",
+                                    "seq_length": result["seq_length"], "num_samples": result["num_samples"],
+                                    "domains": result["branches"][branch], **summarize(result["branches"][branch])}
+        elif str(model["path"]) in alone:
+            result = alone[str(model["path"])]
         else:
             result = evaluate_checkpoint(model["path"], spec["domains"], **common)
         result["model"] = name

@@ -204,6 +204,7 @@ class Trainer:
                 "flags": config_to_argv(self.cfg),
                 "git_revision": checkpointing.git_revision(),
                 "world_size": self.world,
+                "master_port": os.environ.get("MASTER_PORT"),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             fmt.write_json_atomic(save / "run_config.json", run_record)

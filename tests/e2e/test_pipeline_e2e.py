@@ -1,0 +1,180 @@
+"""End-to-end: the whole BTX pipeline at test scale (tools/run_experiment.py --scale test).
+
+One module-scoped run builds every stage (corpora, seed, three branches, merge with the seed
+expert, mix, dense and upcycling baselines, evaluation incl. BTM, routing heatmaps, report);
+the tests then check each stage's output, that a second run re-executes nothing, and that a
+branch checkpoint with a deleted .distcp file is detected and rebuilt. The tests share the run
+and must run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = REPO / "examples" / "tiny" / "experiment.yaml"
+DOMAINS = ("math", "code", "wiki")
+MODELS = ("seed", "math", "code", "wiki", "dense", "upcycling", "btm", "btx")
+
+
+def run_pipeline(out: Path, data: Path) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("BTX_RUN_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "run_experiment.py"), str(EXPERIMENT), "--scale", "test",
+         "--output", str(out), "--data-dir", str(data)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def stages(out: Path) -> dict:
+    return json.loads((out / "stages.json").read_text())["stages"]
+
+
+def read_tensors(ckpt_dir: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every model tensor of a torch_dist checkpoint, read with torch.distributed.checkpoint."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(ckpt_dir))
+    metadata = reader.read_metadata()
+    state = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+             for k, md in metadata.state_dict_metadata.items()
+             if isinstance(md, TensorStorageMetadata) and k.startswith(("decoder.", "embedding.", "output_layer."))
+             and k.startswith(prefix)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: loading without one" is the point here
+        dcp.load(state, storage_reader=reader)
+    return state
+
+
+def final_dir(root: Path) -> Path:
+    it = int((root / "latest_checkpointed_iteration.txt").read_text())
+    return root / f"iter_{it:07d}"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("btx_e2e")
+    out, data = base / "run", base / "corpora"
+    stdout = run_pipeline(out, data)
+    return {"out": out, "data": data, "stdout": stdout, "stages": stages(out)}
+
+
+def test_every_stage_output(run):
+    out = run["out"]
+    recorded = run["stages"]
+    expected = {"corpora", "seed", "branch:math", "branch:code", "branch:wiki", "merge", "mix", "dense",
+                "upcycling:merge", "upcycling:mix", "routing", "report", *(f"evaluate:{m}" for m in MODELS)}
+    assert set(recorded) == expected
+    assert all(r["status"] == "done" and r["executions"] == 1 for r in recorded.values())
+
+    # Every checkpoint loads and holds finite weights.
+    roots = {"seed": out / "seed/checkpoints", "dense": out / "baselines/dense/checkpoints",
+             "merged": out / "merged", "mix": out / "mix/checkpoints",
+             "upcycled": out / "baselines/upcycling/merged", "upcycling": out / "baselines/upcycling/checkpoints",
+             **{d: out / "branches" / d / "checkpoints" for d in DOMAINS}}
+    tensors = {}
+    for name, root in roots.items():
+        tensors[name] = read_tensors(final_dir(root))
+        assert tensors[name], name
+        for key, t in tensors[name].items():
+            assert torch.isfinite(t).all(), f"{name}: {key} is not finite"
+
+    # The merged model: expert i of every layer is branch i's FFN, the last expert the seed's,
+    # bit for bit; attention and norms are the plain average of the branches.
+    merged = tensors["merged"]
+    sources = [*DOMAINS, "seed"]
+    for fc in ("linear_fc1", "linear_fc2"):
+        experts = merged[f"decoder.layers.mlp.experts.experts.{fc}.weight"]  # [L, E, ...]
+        assert experts.shape[1] == len(sources)
+        for e, src in enumerate(sources):
+            assert torch.equal(experts[:, e], tensors[src][f"decoder.layers.mlp.{fc}.weight"]), (fc, src)
+    for key in ("decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_proj.weight",
+                "embedding.word_embeddings.weight", "output_layer.weight"):
+        mean = torch.stack([tensors[d][key].double() for d in DOMAINS]).mean(0)
+        torch.testing.assert_close(merged[key].double(), mean, rtol=0, atol=1e-6)
+    assert not torch.equal(merged["decoder.layers.self_attention.linear_qkv.weight"],
+                           tensors["seed"]["decoder.layers.self_attention.linear_qkv.weight"])
+    # The upcycled baseline: every expert the seed's FFN.
+    up = tensors["upcycled"]["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+    for e in range(up.shape[1]):
+        assert torch.equal(up[:, e], tensors["seed"]["decoder.layers.mlp.linear_fc1.weight"])
+    # The mix phase trained the merged model (it moved away from it).
+    assert not torch.equal(tensors["mix"]["decoder.layers.mlp.router.weight"], merged["decoder.layers.mlp.router.weight"])
+
+    # Matched compute: the dense baseline's FLOPs are within one iteration of branches + mix.
+    flops = {n: json.loads((roots[n] / "eval_summary.json").read_text())["flops"]
+             for n in ("dense", "mix", *DOMAINS)}
+    dense_iter = flops["dense"] / json.loads((roots["dense"] / "eval_summary.json").read_text())["iteration"]
+    assert abs(flops["dense"] - (flops["mix"] + sum(flops[d] for d in DOMAINS))) <= dense_iter / 2 + 1
+
+    # Evaluation: every model has a finite loss on every domain.
+    for m in MODELS:
+        result = json.loads((out / "eval" / f"{m}.json").read_text())
+        for d in DOMAINS:
+            assert math.isfinite(result["domains"][d]["loss"]), (m, d)
+
+    # Report: the table (markdown + JSON) with finite numbers for every model, and the PNGs.
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == list(MODELS)
+    for r in results["rows"]:
+        values = [r["average_ppl"], *r["ppl"].values(), r["tokens"], r["flops"]]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), r
+    table = (out / "report" / "results.md").read_text()
+    assert "| BTX topk-2 |" in table and "| dense (compute-matched) |" in table
+    assert table.strip() in run["stdout"]
+    import matplotlib.image as mpimg
+
+    for png in [out / "report" / "loss_curves.png", *(out / "report" / "routing" / f"routing_{d}.png" for d in DOMAINS)]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        img = mpimg.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and float(img.std()) > 0, png
+    routing = json.loads((out / "report" / "routing" / "routing.json").read_text())
+    for d in DOMAINS:
+        for layer in routing["domains"][d]["layers"].values():
+            assert math.isclose(sum(layer["token_fraction"]), 1.0, abs_tol=1e-4)
+
+
+def test_second_run_reuses_every_stage(run):
+    out = run["out"]
+    before = stages(out)
+    stdout = run_pipeline(out, run["data"])
+    after = stages(out)
+    assert after == before  # no record touched: nothing re-executed
+    assert "[launch]" not in stdout and "running (" not in stdout
+    assert stdout.count("up to date, reused") == len(before)
+
+
+def test_damaged_branch_checkpoint_is_rebuilt(run):
+    out = run["out"]
+    before = stages(out)
+    root = out / "branches" / "math" / "checkpoints"
+    victim = sorted(final_dir(root).glob("*.distcp"))[0]
+    victim.unlink()
+    stdout = run_pipeline(out, run["data"])
+    after = stages(out)
+    assert "branch:math: running (output damaged or incomplete" in stdout
+    assert "resuming from iteration 4" in stdout  # rolled back to the intact checkpoint, not retrained
+    assert victim.is_file()
+    assert after["branch:math"]["executions"] == 2
+    for name in ("corpora", "seed", "branch:code", "branch:wiki", "upcycling:merge", "upcycling:mix"):
+        assert after[name] == before[name], name
+    # Whatever was rebuilt downstream, the merged model holds the new math branch's FFN.
+    math_fc1 = read_tensors(final_dir(root), "decoder.layers.mlp.linear_fc1.weight")
+    merged = read_tensors(final_dir(out / "merged"), "decoder.layers.mlp.experts.experts.linear_fc1.weight")
+    assert torch.equal(merged["decoder.layers.mlp.experts.experts.linear_fc1.weight"][:, 0],
+                       math_fc1["decoder.layers.mlp.linear_fc1.weight"])
+    assert all(r["status"] == "done" for r in after.values())
