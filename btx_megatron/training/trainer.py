@@ -223,6 +223,14 @@ class Trainer:
         )
         if ck.finetune and self.setup.scheduler is not None:
             self.setup.scheduler.step(0)
+        sched, t = self.setup.scheduler, self.cfg.train
+        wanted_decay = max(t.lr_decay_iters or max(t.train_iters, 1), t.lr_warmup_iters + 1)
+        if sched is not None and not ck.finetune and sched.lr_decay_steps != wanted_decay:
+            # Megatron keeps the checkpoint's schedule on resume; say so when the flags differ.
+            self._log(
+                f"warning: the resumed LR schedule decays over {sched.lr_decay_steps} iterations (from the "
+                f"checkpoint), not {wanted_decay}; set --lr-decay-iters when a run is extended."
+            )
         self._log(f"loaded {ck.load} -> iteration {self.iteration}, consumed samples {self.consumed_samples}")
 
     # ---------------------------------------------------------------- steps
