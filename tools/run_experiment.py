@@ -5,6 +5,7 @@ evaluation, routing heatmaps and the results table.
     python tools/run_experiment.py examples/tiny/experiment.yaml --output runs/x  # another run directory
     python tools/run_experiment.py EXP.yaml --stages corpora seed branches        # only these stages
     python tools/run_experiment.py EXP.yaml --scale test --output /tmp/btx-test   # minutes, for tests
+    python tools/run_experiment.py EXP.yaml --router-variants sample-top1 soft    # more BTX rows
 
 Re-running continues: finished stages whose outputs still validate are reused (OUT/stages.json);
 a damaged or incomplete output is rebuilt. See btx_megatron/btx/pipeline.py.
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the others must already be up to date")
     p.add_argument("--scale", choices=("tiny", "test"), default="tiny",
                    help="tiny: the experiment as written; test: the same stages shrunk to minutes")
+    p.add_argument("--router-variants", nargs="+", metavar="TYPE", default=None,
+                   help="also mix the merged model with these router types (switch, sample-top1, soft) and "
+                        "add them to the table (paper, Table 4)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="branches trained at a time (default: CPU cores or GPUs / processes per run)")
     return p
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipeline = load_pipeline(args.experiment, output=args.output, scale=args.scale, data_dir=args.data_dir,
-                                 stages=args.stages, max_concurrent=args.max_concurrent)
+                                 stages=args.stages, max_concurrent=args.max_concurrent,
+                                 router_variants=args.router_variants)
         pipeline.run()
     except (ValueError, PipelineError) as exc:
         print(f"run_experiment: error: {exc}", file=sys.stderr)

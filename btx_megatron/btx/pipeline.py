@@ -9,12 +9,13 @@ Stages, in order (each reads the outputs of the ones before it)::
     seed       pretrain the dense seed on a mix of the domains (launcher, local mode)
     branches   one dense branch per domain from the seed (launcher --local, --finetune)
     merge      branches' FFNs -> experts, seed FFN as an extra expert, new router (merge tool)
-    mix        MoE finetuning of the merged model on the mix data (btx_megatron.pretrain_mix)
+    mix        MoE finetuning of the merged model on the mix data (btx_megatron.pretrain_mix);
+               with ``router_variants`` also one run per extra router type (mix:soft, ...)
     dense      baseline: the seed continued on the mix data for the FLOPs of branches + mix
     upcycling  baseline: the seed's FFN copied into N experts (merge tool), then the same mix phase
     evaluate   per-domain loss/perplexity of every model, and the BTM ensemble of the branches
     routing    routing heatmaps of the BTX model per domain (tools/analyze_routing.py)
-    report     results table (markdown + JSON) and loss curves (PNG)
+    report     results table (markdown + JSON), loss curves and perplexity PNGs (.report)
 
 State lives in ``OUT/stages.json``: per stage its status, wall time, the hash of its
 configuration, the fingerprints of its inputs and of its outputs. A stage is reused only when
@@ -154,6 +155,9 @@ class Check:
     ok: bool
     reason: str = ""
     fingerprint: dict[str, str] = field(default_factory=dict)
+    # Set before a build: may partial progress be resumed? Only when the stage's configuration
+    # and inputs are the ones that progress was made with (or nothing is recorded about it).
+    resumable: bool = True
 
 
 def check_checkpoint_dir(ckpt_dir: Path, label: str, kind: str | None = None) -> Check:
@@ -312,8 +316,15 @@ class Pipeline:
 
     def __init__(self, exp: Experiment, *, scale: str = "tiny", corpora: CorporaOptions | None = None,
                  stages: list[str] | None = None, python: str = sys.executable,
-                 echo: Callable[[str], None] = print, max_concurrent: int | None = None):
+                 echo: Callable[[str], None] = print, max_concurrent: int | None = None,
+                 router_variants: list[str] | None = None):
         self.exp = exp
+        from ..config.schema import ROUTER_TYPES
+
+        self.router_variants = [r for r in (router_variants or []) if r != exp.mix.model.get("moe_router_type", "topk")]
+        bad = [r for r in self.router_variants if r not in ROUTER_TYPES]
+        if bad:
+            raise ValueError(f"--router-variants {' '.join(bad)}: router types are {', '.join(ROUTER_TYPES)}.")
         self.scale = scale
         self.corpora = corpora or CorporaOptions()
         self.python = python
@@ -358,7 +369,14 @@ class Pipeline:
 
     @property
     def upcycling_dir(self) -> Path:
+        """The upcycling baseline's mix run (checkpoints/, logs/)."""
         return self.out / "baselines" / "upcycling"
+
+    @property
+    def upcycled_dir(self) -> Path:
+        """The upcycled MoE before its mix phase (outside the run directory, which a changed run
+        is moved away with)."""
+        return self.out / "baselines" / "upcycled"
 
     def _decide(self, name: str, config: Any, inputs: dict[str, Any], validate: Callable[[], Check]):
         """(reuse?, why not, check, config hash, inputs) for one stage record."""
@@ -412,6 +430,8 @@ class Pipeline:
             raise PipelineError(f"stage {name} must (re)run ({why}) but --stages does not include {group}.")
         now = time.time()
         for name, (why, check, chash, inputs, _) in todo.items():
+            prev = self.state.stages.get(name)
+            check.resumable = prev is None or (prev.get("config") == chash and prev.get("inputs") == inputs)
             self.echo(f"[pipeline] {name}: running ({why})")
             self.state.stages[name] = {
                 "status": "running", "started": now, "config": chash, "inputs": inputs,
@@ -515,10 +535,14 @@ class Pipeline:
     def _prepare_resume(self, plan, check: Check, flags: list[str], kind: str = "dense") -> None:
         """Before (re)running a training stage: keep intact progress made with the same flags."""
         resolved = read_json(plan.run_dir / "resolved_config.json") or {}
-        same_flags = resolved.get("flags") == flags
-        if plan.save_dir.exists() and not same_flags:
-            self.echo(f"[pipeline] {plan.name}: flags changed since the last start; starting over")
-            shutil.rmtree(plan.run_dir)
+        if plan.save_dir.exists() and (resolved.get("flags") != flags or not check.resumable):
+            # A different run now (other flags, or another seed/merged model to start from):
+            # set the old one aside (never deleted) and start over.
+            aside = plan.run_dir.with_name(f"{plan.run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            what = "flags" if resolved.get("flags") != flags else "its inputs"
+            self.echo(f"[pipeline] {plan.name}: {what} changed since the last start; the old run is kept "
+                      f"as {aside} and this one starts over")
+            plan.run_dir.rename(aside)
             return
         if plan.save_dir.exists():
             it = roll_back_to_intact(plan.save_dir, plan.name, kind, self.echo)
@@ -636,8 +660,9 @@ class Pipeline:
         return int(self.exp.baselines.upcycling.get("num_experts") or self.num_btx_experts)
 
     # ------------------------------------------------------------------ mix phase (BTX and upcycling)
-    def mix_config(self, save: Path, num_experts: int):
-        """The mix-phase Config: the dense shape + mix.model, the mix blend, the mix options."""
+    def mix_config(self, save: Path, num_experts: int, router: dict[str, Any] | None = None):
+        """The mix-phase Config: the dense shape + mix.model (+ ``router`` overrides), the mix
+        blend, the mix options."""
         from ..config import Config
 
         exp = self.exp
@@ -647,7 +672,7 @@ class Pipeline:
                     tokenizer_type=exp.tokenizer_type, tokenizer_model=exp.tokenizer_model)
         sections = {s: dict(v) for s, v in exp.mix.options.sections.items()}
         sections["checkpoint"]["save"] = str(save)
-        model = {**exp.model, **exp.mix.model, "num_experts": num_experts}
+        model = {**exp.model, **exp.mix.model, **(router or {}), "num_experts": num_experts}
         budget = exp.mix.budget
         if budget.train_iters:
             sections["train"]["train_iters"] = budget.train_iters
@@ -664,10 +689,10 @@ class Pipeline:
         return cfg
 
     def _mix_stage(self, name: str, group: str, run_dir: Path, merged: Path, merged_fp: dict,
-                   num_experts: int) -> dict[str, str]:
+                   num_experts: int, router: dict[str, Any] | None = None) -> dict[str, str]:
         from ..config import config_to_argv
 
-        cfg = self.mix_config(run_dir / "checkpoints", num_experts)
+        cfg = self.mix_config(run_dir / "checkpoints", num_experts, router)
         flags = config_to_argv(cfg)
         save = run_dir / "checkpoints"
         iters = cfg.train.train_iters
@@ -703,8 +728,22 @@ class Pipeline:
     def stage_mix(self, merged_fp: dict) -> dict[str, str]:
         return self._mix_stage("mix", "mix", self.exp.mix_dir, self.exp.merged_dir, merged_fp, self.num_btx_experts)
 
+    def router_variant_dir(self, router_type: str) -> Path:
+        return self.exp.mix_dir.with_name(f"{self.exp.mix_dir.name}_{router_type}")
+
+    def stage_router_variants(self, merged_fp: dict) -> dict[str, dict[str, str]]:
+        """The same merged model, mixed with each extra router type (paper, Table 4)."""
+        out = {}
+        for rt in self.router_variants:
+            router = {"moe_router_type": rt}
+            if rt == "switch":
+                router["moe_expert_capacity_factor"] = 1.5  # the paper's Switch setting
+            out[rt] = self._mix_stage(f"mix:{rt}", "mix", self.router_variant_dir(rt), self.exp.merged_dir,
+                                      merged_fp, self.num_btx_experts, router)
+        return out
+
     def stage_upcycling(self, seed_fp: dict) -> dict[str, str]:
-        root = self.upcycling_dir / "merged"
+        root = self.upcycled_dir
         n = self.upcycling_num_experts()
         noise = self.exp.baselines.upcycling.get("noise")
         cmd = [self.python, str(REPO_ROOT / "tools" / "merge_branches.py"), "--upcycle-from",
@@ -775,6 +814,8 @@ class Pipeline:
                              "train_data": {n: [e.prefix for e in self.exp.domain(n).data] for n in self.branch_names},
                              "top_k": int(self.exp.baselines.btm.get("top_k", 2))}
         models["btx"] = {"path": str(self.exp.mix_dir / "checkpoints")}
+        for rt in self.router_variants:
+            models[f"btx_{rt}"] = {"path": str(self.router_variant_dir(rt) / "checkpoints")}
         return models
 
     def eval_num_samples(self) -> int:
@@ -833,7 +874,7 @@ class Pipeline:
         return self._ensure("routing", "routing", cmd[2:], {"mix": mix_fp}, validate, build)
 
     def stage_report(self, eval_fps: dict[str, str], routing_fp: dict) -> dict[str, str]:
-        files = ["results.md", "results.json", "loss_curves.png"]
+        files = ["results.md", "results.json", "loss_curves.png", "perplexity.png"]
 
         def validate() -> Check:
             missing = [f for f in files if not (self.report_dir / f).is_file()]
@@ -857,19 +898,34 @@ class Pipeline:
         try:
             fmt.write_text_atomic(self.out / "experiment.resolved.yaml",
                                   yaml.safe_dump(self.exp.raw, sort_keys=False))
+            last = max(STAGES.index(st) for st in self.selected)
+
+            def wanted(stage: str) -> bool:
+                # Stages after the last selected one are not looked at (--stages corpora seed
+                # stops after the seed); earlier unselected ones must be up to date.
+                return STAGES.index(stage) <= last
+
             corpora_fp = self.stage_corpora()
-            seed_fp = self.stage_seed(corpora_fp)
-            branch_fps = self.stage_branches(seed_fp)
-            merged_fp = self.stage_merge(seed_fp, branch_fps)
-            mix_fp = self.stage_mix(merged_fp)
-            fps: dict[str, dict] = {SEED_NAME: seed_fp, **branch_fps, "btx": mix_fp,
+            seed_fp = self.stage_seed(corpora_fp) if wanted("seed") else None
+            branch_fps = self.stage_branches(seed_fp) if wanted("branches") else None
+            merged_fp = self.stage_merge(seed_fp, branch_fps) if wanted("merge") else None
+            mix_fp = self.stage_mix(merged_fp) if wanted("mix") else None
+            fps: dict[str, dict] = {SEED_NAME: seed_fp, **(branch_fps or {}), "btx": mix_fp,
                                     "btm": {"branches": branch_fps}}
-            if self.exp.baselines.dense.enabled:
+            if wanted("mix"):
+                fps.update({f"btx_{rt}": fp for rt, fp in self.stage_router_variants(merged_fp).items()})
+            if self.exp.baselines.dense.enabled and wanted("dense"):
                 fps[DENSE_NAME] = self.stage_dense(seed_fp, branch_fps, mix_fp)
-            if self.exp.baselines.upcycling.get("enabled", True):
+            if self.exp.baselines.upcycling.get("enabled", True) and wanted("upcycling"):
                 fps["upcycling"] = self.stage_upcycling(seed_fp)
+            if not wanted("evaluate"):
+                return {}
             eval_fps = self.stage_evaluate(fps)
+            if not wanted("routing"):
+                return {}
             routing_fp = self.stage_routing(mix_fp)
+            if not wanted("report"):
+                return {}
             self.stage_report(eval_fps, routing_fp)
         finally:
             self.print_timings(time.perf_counter() - started)
@@ -983,6 +1039,9 @@ def results_rows(p: Pipeline) -> tuple[list[dict[str, Any]], tuple[float, float]
         cost["upcycling"] = stage_cost(p.upcycling_dir / "checkpoints")
     cost["btm"] = branches_total
     cost["btx"] = (branches_total[0] + mix_cost[0], branches_total[1] + mix_cost[1])
+    for rt in p.router_variants:
+        c = stage_cost(p.router_variant_dir(rt) / "checkpoints")
+        cost[f"btx_{rt}"] = (branches_total[0] + c[0], branches_total[1] + c[1])
     labels = {SEED_NAME: "seed", DENSE_NAME: "dense (compute-matched)", "upcycling": "sparse upcycling",
               "btm": f"BTM top-{exp.baselines.btm.get('top_k', 2)}",
               "btx": f"BTX {exp.mix.model.get('moe_router_type', 'topk')}-{p.mix_topk()}"}
@@ -991,7 +1050,8 @@ def results_rows(p: Pipeline) -> tuple[list[dict[str, Any]], tuple[float, float]
         data = read_json(p.eval_dir / f"{name}.json") or {}
         per = {d: (data.get("domains", {}).get(d) or {}) for d in domains}
         rows.append({
-            "model": name, "label": labels.get(name, f"branch {name}"),
+            "model": name,
+            "label": labels.get(name, f"BTX {name[4:]}" if name.startswith("btx_") else f"branch {name}"),
             "ppl": {d: per[d].get("ppl") for d in domains}, "loss": {d: per[d].get("loss") for d in domains},
             "average_ppl": data.get("average_ppl"), "average_loss": data.get("average_loss"),
             "tokens": cost.get(name, (0, 0))[0], "flops": cost.get(name, (0, 0))[1],
@@ -1016,79 +1076,66 @@ def shape_checks(rows: list[dict], domains: list[str], branches: list[str]) -> d
     return out
 
 
+def _kind(model: str, branches: list[str]) -> str:
+    if model in branches:
+        return "branch"
+    if model.startswith("btx"):
+        return "btx"
+    return model if model in (SEED_NAME, DENSE_NAME, "upcycling", "btm") else "other"
+
+
 def write_report(p: Pipeline) -> None:
+    """results.md / results.json / perplexity.png / loss_curves.png via :mod:`.report`."""
+    from . import report
+
     exp = p.exp
     domains = list(exp.eval_domains)
     rows, seed_cost = results_rows(p)
-    p.report_dir.mkdir(parents=True, exist_ok=True)
     checks = shape_checks(rows, domains, p.branch_names)
-    head = "| model | " + " | ".join(f"{d} ppl" for d in domains) + " | avg ppl | tokens after seed | FLOPs after seed |"
-    lines = [f"# {exp.name}: per-domain validation perplexity", "", head,
-             "|" + "---|" * (len(domains) + 4)]
+    result_rows = []
     for r in rows:
-        cells = [f"{r['ppl'][d]:.2f}" if r["ppl"][d] is not None else "-" for d in domains]
-        avg = f"{r['average_ppl']:.2f}" if r["average_ppl"] is not None else "-"
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {avg} | {r['tokens'] / 1e6:.3f}M | {r['flops']:.3e} |")
-    lines += ["", f"Seed pretraining (shared by every row): {seed_cost[0] / 1e6:.3f}M tokens, {seed_cost[1]:.3e} FLOPs.",
-              "BTM is evaluation-only (its cost is the branches'); BTX = branches + mix.", "", "Shape checks:"]
-    for k, v in checks.items():
-        lines.append(f"- {k}: {v}")
-    fmt.write_text_atomic(p.report_dir / "results.md", "\n".join(lines) + "\n")
-    fmt.write_json_atomic(p.report_dir / "results.json", {
-        "experiment": exp.name, "scale": p.scale, "domains": domains, "rows": rows,
-        "seed": {"tokens": seed_cost[0], "flops": seed_cost[1]}, "shape_checks": checks,
-    })
-    loss_curves(p, p.report_dir / "loss_curves.png")
+        data = read_json(p.eval_dir / f"{r['model']}.json") or {}
+        # report's convention: a row's cost includes the stages it starts from (the seed).
+        result_rows.append(report.row_from_eval(
+            r["label"], _kind(r["model"], p.branch_names), data,
+            train_tokens=r["tokens"] + seed_cost[0], train_flops=r["flops"] + seed_cost[1],
+            notes="evaluation-only ensemble of the branches" if r["model"] == "btm" else ""))
+    metrics, offsets = stage_curves(p)
+    notes = [f"Seed pretraining (in every row's cost): {seed_cost[0] / 1e6:.3f}M tokens, {seed_cost[1]:.3e} FLOPs; "
+             "BTX = seed + branches + mix; the dense baseline is FLOP-matched to branches + mix."]
+    notes += [f"shape check: {k}: {v}" for k, v in checks.items()]
+    report.write_report(
+        result_rows, p.report_dir, stage_metrics=metrics, stage_offsets=offsets,
+        routing_dir=p.report_dir / "routing", title=f"{exp.name}: per-domain validation perplexity",
+        notes=notes, echo=False,
+        extra={"experiment": exp.name, "scale": p.scale, "models": [r["model"] for r in rows],
+               "seed": {"tokens": seed_cost[0], "flops": seed_cost[1]}, "shape_checks": checks})
 
 
-def loss_curves(p: Pipeline, path: Path) -> None:
-    """Training loss of every stage against training FLOPs from the seed's start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def stage_curves(p: Pipeline) -> tuple[dict[str, Path], dict[str, float]]:
+    """Each training stage's metrics.jsonl and its x offset (tokens since the seed's start)."""
     exp = p.exp
+    metrics: dict[str, Path] = {}
+    offsets: dict[str, float] = {}
 
-    def series(save: Path) -> tuple[list[float], list[float]]:
-        pts: dict[int, float] = {}
-        try:
-            for line in (save / "metrics.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("type") == "train" and math.isfinite(rec.get("loss", float("nan"))):
-                    pts[int(rec["tokens"])] = float(rec["loss"])
-        except (OSError, ValueError):
-            pass
-        keys = sorted(pts)
-        return keys, [pts[k] for k in keys]
+    def add(label: str, save: Path, offset: float) -> None:
+        if (save / "metrics.jsonl").is_file():
+            metrics[label], offsets[label] = save / "metrics.jsonl", offset
 
-    runs = []
-    if exp.seed.trained_here:
-        runs.append(("seed", exp.seed_checkpoint, 0))
     seed_tokens = float(_summary(exp.seed_checkpoint).get("tokens", 0)) if exp.seed.trained_here else 0.0
+    if exp.seed.trained_here:
+        add("seed", exp.seed_checkpoint, 0.0)
     for n in p.branch_names:
-        runs.append((f"branch {n}", p.plans[n].save_dir, seed_tokens))
+        add(f"branch {n}", p.plans[n].save_dir, seed_tokens)
     branch_tokens = sum(float(_summary(p.plans[n].save_dir).get("tokens", 0)) for n in p.branch_names)
-    runs.append(("BTX mix", exp.mix_dir / "checkpoints", seed_tokens + branch_tokens))
+    add("BTX mix", exp.mix_dir / "checkpoints", seed_tokens + branch_tokens)
+    for rt in p.router_variants:
+        add(f"BTX mix ({rt})", p.router_variant_dir(rt) / "checkpoints", seed_tokens + branch_tokens)
     if exp.baselines.dense.enabled:
-        runs.append(("dense", p.plans[DENSE_NAME].save_dir, seed_tokens))
+        add("dense", p.plans[DENSE_NAME].save_dir, seed_tokens)
     if exp.baselines.upcycling.get("enabled", True):
-        runs.append(("upcycling mix", p.upcycling_dir / "checkpoints", seed_tokens))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, save, offset in runs:
-        x, y = series(save)
-        if x:
-            ax.plot([(v + offset) / 1e6 for v in x], y, label=label, linewidth=1.2)
-    ax.set_xlabel("training tokens since the start of the seed (M; branches run in parallel)")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{exp.name}: training loss of every stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+        add("upcycling mix", p.upcycling_dir / "checkpoints", seed_tokens)
+    return metrics, offsets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1097,7 +1144,7 @@ def loss_curves(p: Pipeline, path: Path) -> None:
 
 def load_pipeline(experiment: str, *, output: str | None = None, scale: str = "tiny", data_dir: str | None = None,
                   stages: list[str] | None = None, echo: Callable[[str], None] = print,
-                  max_concurrent: int | None = None) -> Pipeline:
+                  max_concurrent: int | None = None, router_variants: list[str] | None = None) -> Pipeline:
     """Read the experiment file, apply the scale and the output override, plan every stage."""
     path = Path(experiment)
     if not path.is_file():
@@ -1109,7 +1156,8 @@ def load_pipeline(experiment: str, *, output: str | None = None, scale: str = "t
     if output:
         raw["output_dir"] = os.path.abspath(output)
     exp = parse_experiment(raw, str(path))
-    return Pipeline(exp, scale=scale, corpora=corpora, stages=stages, echo=echo, max_concurrent=max_concurrent)
+    return Pipeline(exp, scale=scale, corpora=corpora, stages=stages, echo=echo, max_concurrent=max_concurrent,
+                    router_variants=router_variants)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,10 @@ def initialize_distributed(
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        # The launch environment is authoritative; an inherited MASTER_PORT (e.g. from a parent
+        # process that ran its own single-process group) must not override the port chosen here.
+        os.environ["MASTER_ADDR"] = launch.master_addr
+        os.environ["MASTER_PORT"] = str(launch.master_port)
         torch.distributed.init_process_group(
             backend=backend,
             rank=launch.rank,

@@ -165,6 +165,10 @@ def _rank_main(rank, world_size, init_file, env, cache, out):
     """One rank: gloo group, then every rank builds the same blend and eval set and dumps items."""
     import torch.distributed as dist
 
+    if "tokenizer" not in env:  # spawned: rebuild the tokenizer from its model file
+        from btx_megatron.data import build_tokenizer
+
+        env = {**env, "tokenizer": build_tokenizer("SentencePieceTokenizer", env["model"])}
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     cfg = DataCfg(data_path=["0.5", env["digits"], "0.5", env["letters"]], split="90,10,0", data_cache_path=cache,
                   eval_domains={"digits": [env["digits"]]}, tokenizer_model=env["model"])
@@ -182,14 +186,16 @@ def _rank_main(rank, world_size, init_file, env, cache, out):
 
 
 def test_ranks_starting_together_build_the_cache_once_and_agree(env, tmp_path):
-    """Three gloo ranks (forked: no re-import of megatron) on an empty cache directory."""
+    """Three gloo ranks on an empty cache directory."""
     import multiprocessing
 
     cache, out = tmp_path / "shared_cache", tmp_path / "out"
     out.mkdir()
     world_size = 3
-    context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_rank_main, args=(r, world_size, str(tmp_path / "init"), env, str(cache), str(out)))
+    # spawn, not fork: the test process may already hold torch threads and process groups.
+    context = multiprocessing.get_context("spawn")
+    child_env = {k: v for k, v in env.items() if k != "tokenizer"}
+    procs = [context.Process(target=_rank_main, args=(r, world_size, str(tmp_path / "init"), child_env, str(cache), str(out)))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -66,11 +66,18 @@ def final_dir(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("btx_e2e")
+def run():
+    # Not tmp_path_factory: pytest prunes all but the 3 newest session directories, and other
+    # pytest sessions on a shared machine would delete this run while the tests use it.
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="btx_e2e_"))
     out, data = base / "run", base / "corpora"
     stdout = run_pipeline(out, data)
-    return {"out": out, "data": data, "stdout": stdout, "stages": stages(out)}
+    yield {"out": out, "data": data, "stdout": stdout, "stages": stages(out)}
+    if not os.environ.get("BTX_E2E_KEEP"):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_every_stage_output(run):
@@ -84,7 +91,7 @@ def test_every_stage_output(run):
     # Every checkpoint loads and holds finite weights.
     roots = {"seed": out / "seed/checkpoints", "dense": out / "baselines/dense/checkpoints",
              "merged": out / "merged", "mix": out / "mix/checkpoints",
-             "upcycled": out / "baselines/upcycling/merged", "upcycling": out / "baselines/upcycling/checkpoints",
+             "upcycled": out / "baselines/upcycled", "upcycling": out / "baselines/upcycling/checkpoints",
              **{d: out / "branches" / d / "checkpoints" for d in DOMAINS}}
     tensors = {}
     for name, root in roots.items():
@@ -129,16 +136,16 @@ def test_every_stage_output(run):
 
     # Report: the table (markdown + JSON) with finite numbers for every model, and the PNGs.
     results = json.loads((out / "report" / "results.json").read_text())
-    assert [r["model"] for r in results["rows"]] == list(MODELS)
+    assert results["models"] == list(MODELS)
     for r in results["rows"]:
-        values = [r["average_ppl"], *r["ppl"].values(), r["tokens"], r["flops"]]
+        values = [r["average_ppl"], *(r["domains"][d]["ppl"] for d in DOMAINS), r["train_tokens"], r["train_flops"]]
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), r
     table = (out / "report" / "results.md").read_text()
     assert "| BTX topk-2 |" in table and "| dense (compute-matched) |" in table
     assert table.strip() in run["stdout"]
     import matplotlib.image as mpimg
 
-    for png in [out / "report" / "loss_curves.png", *(out / "report" / "routing" / f"routing_{d}.png" for d in DOMAINS)]:
+    for png in [out / "report" / "loss_curves.png", out / "report" / "perplexity.png", *(out / "report" / "routing" / f"routing_{d}.png" for d in DOMAINS)]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         img = mpimg.imread(png)
         assert img.ndim == 3 and img.shape[0] > 100 and float(img.std()) > 0, png

@@ -261,10 +261,20 @@ def test_load_balancing_off_changes_the_expert_load():
 
 
 def test_sample_top1_soft_first_layer_under_the_alltoall_dispatcher():
-    # alltoall sizes its buffers from the config's top-k: without the soft layer's own config
-    # the layer would permute the wrong tokens, so building it that way is refused ...
+    # alltoall sizes its buffers from the config's top-k: the model builder gives the first MoE
+    # layer its own (top-N) config through soft_layer_mlp, later layers keep top-1 ...
+    model, _, _ = build_model("sample-top1", "--moe-token-dispatcher-type alltoall")
+    layers = model.decoder.layers
+    assert layers[0].mlp.config.moe_router_topk == E and layers[1].mlp.config.moe_router_topk == 1
+    # ... a router built without that config refuses alltoall ...
+    from btx_megatron.models.specs import layer_spec as _layer_spec
+
+    cfg0, tconfig0 = setup("sample-top1", "--moe-token-dispatcher-type alltoall")
     with pytest.raises(ValueError, match="soft_layer_mlp"):
-        build_model("sample-top1", "--moe-token-dispatcher-type alltoall")
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection as _pgs
+
+        plain = _layer_spec(cfg0.model, "local").submodules.mlp(config=tconfig0, pg_collection=_pgs(), is_mtp_layer=False)
+        plain.set_layer_number(1)
     # ... and with soft_layer_mlp the layer is the softmax-weighted sum of all experts.
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
