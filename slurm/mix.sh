@@ -37,7 +37,7 @@ DATA=${DATA:-data}
 TOKENIZER=${TOKENIZER:-$DATA/tokenizer.model}
 TP=${TP:-1}
 PP=${PP:-1}
-EP=${EP:-8}                       # experts spread over GPUs; must divide the expert count
+EP=${EP:-4}                       # experts spread over GPUs; must divide the expert count (4 for seed+3 branches)
 MICRO_BATCH=${MICRO_BATCH:-1}
 GLOBAL_BATCH=${GLOBAL_BATCH:-1024}  # 1024 x 4096 = 4M tokens per step (paper)
 TRAIN_ITERS=${TRAIN_ITERS:-19073}   # 80B tokens / 4M (paper's MoE finetune)

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the others must already be up to date")
     p.add_argument("--scale", choices=("tiny", "test"), default="tiny",
                    help="tiny: the experiment as written; test: the same stages shrunk to minutes")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer vocabulary when the pipeline builds the corpora (default 8000; test scale 400)")
+    p.add_argument("--tokens-per-domain", type=int, default=None,
+                   help="corpora size when the pipeline builds them (default 2M; test scale 20k)")
     p.add_argument("--router-variants", nargs="+", metavar="TYPE", default=None,
                    help="also mix the merged model with these router types (switch, sample-top1, soft) and "
                         "add them to the table (paper, Table 4)")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipeline = load_pipeline(args.experiment, output=args.output, scale=args.scale, data_dir=args.data_dir,
                                  stages=args.stages, max_concurrent=args.max_concurrent,
-                                 router_variants=args.router_variants)
+                                 router_variants=args.router_variants, corpora_vocab_size=args.vocab_size,
+                                 corpora_tokens_per_domain=args.tokens_per_domain)
         pipeline.run()
     except (ValueError, PipelineError) as exc:
         print(f"run_experiment: error: {exc}", file=sys.stderr)

@@ -1144,7 +1144,8 @@ def stage_curves(p: Pipeline) -> tuple[dict[str, Path], dict[str, float]]:
 
 def load_pipeline(experiment: str, *, output: str | None = None, scale: str = "tiny", data_dir: str | None = None,
                   stages: list[str] | None = None, echo: Callable[[str], None] = print,
-                  max_concurrent: int | None = None, router_variants: list[str] | None = None) -> Pipeline:
+                  max_concurrent: int | None = None, router_variants: list[str] | None = None,
+                  corpora_vocab_size: int | None = None, corpora_tokens_per_domain: int | None = None) -> Pipeline:
     """Read the experiment file, apply the scale and the output override, plan every stage."""
     path = Path(experiment)
     if not path.is_file():
@@ -1153,6 +1154,10 @@ def load_pipeline(experiment: str, *, output: str | None = None, scale: str = "t
         os.environ["BTX_DATA_DIR"] = os.path.abspath(data_dir)
     raw = yaml.safe_load(path.read_text())
     raw, corpora = apply_scale(raw, scale)
+    if corpora_vocab_size:
+        corpora.vocab_size = corpora_vocab_size
+    if corpora_tokens_per_domain:
+        corpora.tokens_per_domain = corpora_tokens_per_domain
     if output:
         raw["output_dir"] = os.path.abspath(output)
     exp = parse_experiment(raw, str(path))
