@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 from btx_megatron.config import Config, parse_config
 
@@ -66,19 +65,10 @@ def run(cfg: Config, argv: list[str] | None = None, stage: str = "pretrain", tra
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=UserWarning)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg, _ = parse_config(argv)
-        run(cfg, argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        from btx_megatron.runtime.distributed import destroy
+    from btx_megatron.runtime.distributed import run_entrypoint
 
-        destroy()
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_entrypoint(lambda: run(parse_config(argv)[0], argv))
 
 
 if __name__ == "__main__":

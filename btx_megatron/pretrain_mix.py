@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -242,18 +241,10 @@ def run(argv: Sequence[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=UserWarning)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        run(argv)
-    except ValueError as exc:  # includes checkpoint_format.CheckpointError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        from btx_megatron.runtime.distributed import destroy
+    from btx_megatron.runtime.distributed import run_entrypoint
 
-        destroy()
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_entrypoint(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -137,3 +137,20 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def run_entrypoint(body) -> int:
+    """Run an entrypoint body: user mistakes (ValueError) print one line and exit 2; the
+    process groups are always torn down."""
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        body()
+    except ValueError as exc:  # includes checkpoint_format.CheckpointError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()
+    return 0
