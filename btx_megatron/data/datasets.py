@@ -64,6 +64,31 @@ def default_cache_path(prefixes: list[str]) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), DEFAULT_CACHE_DIRNAME)
 
 
+def content_key(prefixes: list[str]) -> str:
+    """A short digest of the datasets' contents (each ``.idx`` and the ``.bin`` size).
+
+    Megatron keys its cached indices on the dataset *path* and the sampling options only, so a
+    prefix re-made in place (another tokenizer, more documents) would silently reuse indices of
+    the old file: samples cut at the wrong offsets. Cache directories are therefore keyed on this
+    digest too. The ``.idx`` holds every document's length, so it changes with any re-tokenisation.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for prefix in sorted(set(os.path.abspath(p) for p in prefixes)):
+        digest.update(prefix.encode())
+        digest.update(str(os.path.getsize(prefix + ".bin")).encode())
+        with open(prefix + ".idx", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def cache_path(data_cfg, prefixes: list[str]) -> str:
+    """``--data-cache-path`` (or the default beside the data) / the datasets' content key."""
+    return os.path.join(data_cfg.data_cache_path or default_cache_path(prefixes), content_key(prefixes))
+
+
 def _global_rank() -> int:
     import torch.distributed as dist
 
@@ -203,7 +228,7 @@ def build_pretraining_datasets(
     if not data_cfg.data_path:
         raise ValueError("--data-path is empty: pass PREFIX or W1 PREFIX1 W2 PREFIX2 ..., or --mock-data.")
     blend = _checked_blend(data_cfg.data_path, tokenizer, "--data-path")
-    cache_dir = data_cfg.data_cache_path or default_cache_path(blend.prefixes)
+    cache_dir = cache_path(data_cfg, blend.prefixes)
     config = _gpt_config(
         data_cfg,
         tokenizer,
@@ -237,7 +262,7 @@ def build_domain_eval_datasets(
     for name in sorted(data_cfg.eval_domains or {}):
         flag = f"--eval-domain {name}"
         blend = _checked_blend(data_cfg.eval_domains[name], tokenizer, flag)
-        cache_dir = data_cfg.data_cache_path or default_cache_path(blend.prefixes)
+        cache_dir = cache_path(data_cfg, blend.prefixes)
         # blend_per_split puts the whole prefix in the validation split (no train/test carve-out).
         config = _gpt_config(
             data_cfg,

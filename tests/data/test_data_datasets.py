@@ -237,3 +237,24 @@ def test_small_prefix_with_the_default_split(env):
     with pytest.raises(ValueError, match="leaves the train split .* empty"):
         build_pretraining_datasets(_cfg(env, data_path=[env["digits"]], split="1,999,0"), env["tokenizer"],
                                    seq_length=SEQ, seed=1, num_samples=(16, 2, 0))
+
+
+def test_prefix_remade_in_place_does_not_reuse_stale_indices(env, tmp_path):
+    """Megatron keys cached indices on the path; re-making a prefix in place (another tokenizer,
+    other documents) must not cut samples of the new file at the old offsets."""
+    tok = env["tokenizer"]
+    prefix, _ = preprocess_texts(str(tmp_path), "remade", DIGIT_TEXTS[:30], env["model"])
+    cfg = DataCfg(data_path=[prefix], split="100,0,0", tokenizer_model=env["model"])  # default cache dir
+    first, _, _ = build_pretraining_datasets(cfg, tok, seq_length=SEQ, seed=3, num_samples=(24, 0, 0))
+    first_samples = [first[k]["tokens"].tolist() for k in range(24)]
+
+    preprocess_texts(str(tmp_path), "remade", LETTER_TEXTS[:45], env["model"])  # same prefix, new contents
+    again, _, _ = build_pretraining_datasets(cfg, tok, seq_length=SEQ, seed=3, num_samples=(24, 0, 0))
+    fresh_cfg = DataCfg(data_path=[prefix], split="100,0,0", tokenizer_model=env["model"],
+                        data_cache_path=str(tmp_path / "fresh_cache"))
+    fresh, _, _ = build_pretraining_datasets(fresh_cfg, tok, seq_length=SEQ, seed=3, num_samples=(24, 0, 0))
+    again_samples = [again[k]["tokens"].tolist() for k in range(24)]
+    assert again_samples == [fresh[k]["tokens"].tolist() for k in range(24)]
+    assert again_samples != first_samples
+    letters_only = _token_set(env["letters"]) - _token_set(env["digits"])
+    assert all(set(s) & letters_only for s in again_samples)
