@@ -32,6 +32,14 @@ def _name_value(flag: str):
     return parse
 
 
+def _group(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """NAME=VALUE pairs -> NAME -> [VALUE, ...] in the order given."""
+    out: dict[str, list[str]] = {}
+    for name, value in pairs:
+        out.setdefault(name, []).append(value)
+    return out
+
+
 def _weights(text: str) -> dict[str, float]:
     out = {}
     for item in text.split(","):
@@ -75,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--router-init", choices=("random", "centroid"), default="random")
     r.add_argument("--router-seed", type=int, default=1234)
     r.add_argument("--centroid-data", action="append", default=[], type=_name_value("--centroid-data"),
-                   metavar="NAME=PREFIX", help="each branch's data prefix for --router-init centroid")
+                   metavar="NAME=PREFIX", help="each branch's data prefix for --router-init centroid; repeat a "
+                   "NAME to average over several prefixes (e.g. the seed's blend)")
     r.add_argument("--centroid-file", help="precomputed centroids (torch.save of {'names', 'centroids' [N, L, H]})")
     r.add_argument("--centroid-samples", type=int, default=16, help="sequences per domain for centroids")
     r.add_argument("--centroid-seq-length", type=int, help="default: the branches' seq length")
@@ -113,7 +122,7 @@ def options_from_args(args):
         weights=args.weights, router_init=args.router_init, router_seed=args.router_seed, topk=args.topk,
         overwrite=args.overwrite, full_hash=args.full_hash, allow_duplicates=args.allow_duplicates,
         progress=not args.quiet, dtype=args.dtype, centroids=centroids,
-        centroid_data=dict(args.centroid_data) or None, centroid_samples=args.centroid_samples,
+        centroid_data=_group(args.centroid_data) or None, centroid_samples=args.centroid_samples,
         centroid_seq_length=args.centroid_seq_length, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
     )

@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=("tiny", "test"), default="tiny",
                    help="tiny: the experiment as written; test: the same stages shrunk to minutes")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary when the pipeline builds the corpora (default 8000; test scale 400)")
+                   help="tokenizer vocabulary when the pipeline builds the corpora (default: the "
+                        "experiment's corpora.vocab_size, else 8000; test scale 400)")
     p.add_argument("--tokens-per-domain", type=int, default=None,
-                   help="corpora size when the pipeline builds them (default 2M; test scale 20k)")
+                   help="corpora size when the pipeline builds them (default: the experiment's "
+                        "corpora.tokens_per_domain, else 2M; test scale 20k)")
     p.add_argument("--router-variants", nargs="+", metavar="TYPE", default=None,
                    help="also mix the merged model with these router types (switch, sample-top1, soft) and "
                         "add them to the table (paper, Table 4)")

@@ -386,8 +386,11 @@ class Experiment:
     evaluation: EvaluationSpec
     slurm: SlurmSpec
     raw: dict[str, Any]                    # the parsed YAML (for provenance)
+    corpora: dict[str, int] = dataclasses.field(default_factory=dict)  # tools/build_corpora.py options
 
-    KEYS = ("name", "output_dir", "tokenizer", "model", "data", "seed", "branch_defaults", "domains",
+    CORPORA_KEYS = ("tokens_per_domain", "vocab_size", "seed")
+
+    KEYS = ("name", "output_dir", "tokenizer", "corpora", "model", "data", "seed", "branch_defaults", "domains",
             "merge", "mix", "baselines", "evaluation", "slurm")
 
     # ----------------------------------------------------------------- derived paths
@@ -620,6 +623,8 @@ def _parse(raw: Any, source: str) -> Experiment:
         seed=seed, branch_defaults=defaults, domains=domains, merge=merge, mix=mix,
         baselines=_parse_baselines(data.get("baselines"), defaults), evaluation=evaluation,
         slurm=_parse_slurm(data.get("slurm")), raw=raw,
+        corpora={k: _positive_int(v, f"corpora.{k}")
+                 for k, v in _check_keys(data.get("corpora"), Experiment.CORPORA_KEYS, "corpora").items()},
     )
     _check_distinct_outputs(exp)
     return exp

@@ -227,7 +227,7 @@ class MergeOptions:
     router_seed: int = 1234
     centroids: Any = None  # tensor [num_sources, L, H] for router_init == "centroid"
     centroid_info: dict | None = None
-    centroid_data: dict[str, str] | None = None  # source name -> data prefix (computed in run_merge)
+    centroid_data: dict[str, list[str]] | None = None  # source name -> data prefixes (equal blend)
     centroid_samples: int = 16
     centroid_seq_length: int | None = None
     tokenizer_type: str | None = None
@@ -578,6 +578,10 @@ def _merge_units(mine: list[Unit], sources: list[Source], plan: core.ExpertPlan,
     return outputs
 
 
+def _as_prefixes(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
 def compute_centroids(sources: list[Source], opts: MergeOptions) -> tuple[torch.Tensor, dict]:
     """Per source, per layer: the mean hidden state entering the FFN of that branch's own model
     on its own data (``--centroid-data NAME=PREFIX``). Returns ([N, L, H] float32, info).
@@ -604,11 +608,14 @@ def compute_centroids(sources: list[Source], opts: MergeOptions) -> tuple[torch.
     per_source, counts = [], []
     for src in sources:
         cfg = Config(model=_model_config(src), data=DataConfig(
-            eval_domains={src.name: [opts.centroid_data[src.name]]},
+            eval_domains={src.name: _as_prefixes(opts.centroid_data[src.name])},
             tokenizer_type=opts.tokenizer_type, tokenizer_model=opts.tokenizer_model))
         tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model, mcfg.vocab_size)
-        ds = build_domain_eval_datasets(cfg.data, tokenizer, seq_length=seq, seed=opts.router_seed,
-                                        num_samples=opts.centroid_samples)[src.name]
+        try:
+            ds = build_domain_eval_datasets(cfg.data, tokenizer, seq_length=seq, seed=opts.router_seed,
+                                            num_samples=opts.centroid_samples)[src.name]
+        except ValueError as exc:  # name the flag the user gave, not the loader's
+            raise ValueError(str(exc).replace(f"--eval-domain {src.name}", f"--centroid-data {src.name}")) from None
         model = build_model_chunks(cfg, transformer_config(cfg))[0]
         load_model_weights([model], src.ckpt_dir, flag=src.flag)
         model.eval()

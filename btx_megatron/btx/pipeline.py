@@ -120,6 +120,7 @@ def apply_scale(raw: dict, scale: str) -> tuple[dict, CorporaOptions]:
     for key in ("seed", "mix"):
         if isinstance(raw.get(key), dict):
             raw[key].pop("tokens", None)
+    raw.pop("corpora", None)
     return raw, CorporaOptions(tokens_per_domain=20_000, vocab_size=400)
 
 
@@ -628,10 +629,11 @@ class Pipeline:
             cmd += ["--blend-experts"]
         cmd += ["--router-init", m.router_init, "--router-seed", str(m.router_seed)]
         if m.router_init == "centroid":
+            # Every prefix of a source's data (repeating a name averages over its prefixes).
             for d in self.exp.domains:
-                cmd += ["--centroid-data", f"{d.name}={d.data[0].prefix}"]
+                cmd += [x for e in d.data for x in ("--centroid-data", f"{d.name}={e.prefix}")]
             if m.with_seed_expert and self.exp.seed.data:
-                cmd += ["--centroid-data", f"{SEED_NAME}={self.exp.seed.data[0].prefix}"]
+                cmd += [x for e in self.exp.seed.data for x in ("--centroid-data", f"{SEED_NAME}={e.prefix}")]
             cmd += ["--tokenizer-type", self.exp.tokenizer_type, "--tokenizer-model", self.exp.tokenizer_model]
         cmd += ["--moe-router-topk", str(self.mix_topk()), "--output", str(self.exp.merged_dir), "--overwrite"]
         return cmd
@@ -1154,13 +1156,15 @@ def load_pipeline(experiment: str, *, output: str | None = None, scale: str = "t
         os.environ["BTX_DATA_DIR"] = os.path.abspath(data_dir)
     raw = yaml.safe_load(path.read_text())
     raw, corpora = apply_scale(raw, scale)
+    if output:
+        raw["output_dir"] = os.path.abspath(output)
+    exp = parse_experiment(raw, str(path))
+    # The experiment's corpora section, then the command line's overrides.
+    corpora = dataclasses.replace(corpora, **exp.corpora)
     if corpora_vocab_size:
         corpora.vocab_size = corpora_vocab_size
     if corpora_tokens_per_domain:
         corpora.tokens_per_domain = corpora_tokens_per_domain
-    if output:
-        raw["output_dir"] = os.path.abspath(output)
-    exp = parse_experiment(raw, str(path))
     return Pipeline(exp, scale=scale, corpora=corpora, stages=stages, echo=echo, max_concurrent=max_concurrent,
                     router_variants=router_variants)
 

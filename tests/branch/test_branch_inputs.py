@@ -113,6 +113,8 @@ def test_token_budget_becomes_iterations(setup):
     (lambda e: [d.update(output_dir="/tmp/same-dir") for d in e["domains"][:2]], "both write to /tmp/same-dir"),
     (lambda e: e["branch_defaults"]["checkpoint"].update(save="/x"), "set by the launcher"),
     (lambda e: e["mix"]["data"].update(poetry=1.0), "mix.data.poetry"),
+    (lambda e: e.update(corpora={"vocab": 2048}), "corpora.vocab"),
+    (lambda e: e.update(corpora={"vocab_size": -5}), "corpora.vocab_size"),
 ])
 def test_bad_experiment_is_rejected_with_the_key_path(setup, mutate, message):
     tmp_path, exp = setup
@@ -325,3 +327,15 @@ def test_local_runner_restarts_a_run_that_lost_its_port(tmp_path, monkeypatch):
     assert log_a.count("===== attempt") == 2 and "EADDRINUSE" in log_a
     final_ports = {json.loads((tmp_path / n / "launch.json").read_text())["master_port"] for n in "ab"}
     assert busy not in final_ports and len(final_ports) == 2
+
+
+def test_corpora_section_sets_the_pipeline_corpora_and_the_command_line_overrides_it(setup):
+    from btx_megatron.btx.pipeline import load_pipeline
+
+    tmp_path, exp = setup
+    exp["corpora"] = {"vocab_size": 2048, "tokens_per_domain": 3_000_000}
+    path = write_yaml(tmp_path / "exp.yaml", exp)
+    pipe = load_pipeline(str(path), echo=lambda _: None)
+    assert (pipe.corpora.vocab_size, pipe.corpora.tokens_per_domain) == (2048, 3_000_000)
+    pipe = load_pipeline(str(path), echo=lambda _: None, corpora_vocab_size=1024)
+    assert (pipe.corpora.vocab_size, pipe.corpora.tokens_per_domain) == (1024, 3_000_000)

@@ -420,7 +420,9 @@ def test_cli_centroid_router_from_branch_data(work, tmp_path):
     branches = work["branches"][:2]
     prefixes = {n: write_token_dataset(tmp_path / n, seed=i, low=100 * i) for i, (n, _) in enumerate(branches)}
     argv = [a for n, p in branches for a in ("--branch", f"{n}={p}")]
-    argv += [a for n, p in prefixes.items() for a in ("--centroid-data", f"{n}={p}")]
+    # A repeated name averages over a blend of prefixes (the seed expert's several domains).
+    blends = {"math": [prefixes["math"]], "code": [prefixes["code"], prefixes["math"]]}
+    argv += [a for n, ps in blends.items() for p in ps for a in ("--centroid-data", f"{n}={p}")]
     argv += ["--router-init", "centroid", "--tokenizer-type", "NullTokenizer", "--centroid-samples", "4",
              "--output", str(tmp_path / "out"), "--quiet"]
     assert cli.main(argv) == 0
@@ -430,7 +432,7 @@ def test_cli_centroid_router_from_branch_data(work, tmp_path):
     # Reference: mean pre-MLP-norm output of each branch model on the same 4 samples.
     tokenizer = build_tokenizer("NullTokenizer", None, 200)
     for e, (name, path) in enumerate(branches):
-        ds = build_domain_eval_datasets(DataConfig(eval_domains={name: [prefixes[name]]}, tokenizer_type="NullTokenizer"),
+        ds = build_domain_eval_datasets(DataConfig(eval_domains={name: blends[name]}, tokenizer_type="NullTokenizer"),
                                         tokenizer, seq_length=16, seed=1234, num_samples=4)[name]
         dense = build(parse(TINY))[0]
         load([dense], path)
@@ -448,7 +450,8 @@ def test_cli_centroid_router_from_branch_data(work, tmp_path):
             cos = torch.nn.functional.cosine_similarity(router[l, e].double(), want, dim=0)
             assert float(cos) > 1 - 1e-6
     # Bad: a branch without data -> exit status 2 with a message, nothing written.
-    no_code_data = argv[:6] + argv[8:-3] + ["--output", str(tmp_path / "o2"), "--quiet"]
+    no_code_data = argv[:6] + argv[12:-3] + ["--output", str(tmp_path / "o2"), "--quiet"]
+    assert "--centroid-data code=" not in " ".join(no_code_data)
     assert cli.main(no_code_data) == 2
     assert not (tmp_path / "o2").exists()
 

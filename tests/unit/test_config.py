@@ -80,23 +80,32 @@ def _run_pretrain(args, cwd):
                           text=True, cwd=cwd, timeout=300, env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
 
 
-def test_entrypoint_refuses_bad_paths_before_compute(tmp_path):
-    # --load at nothing
+def _main_in_process(args, capsys) -> tuple[int, str]:
+    from btx_megatron.pretrain import main
+
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_entrypoint_refuses_bad_paths_before_compute(tmp_path, capsys):
+    # --load at nothing: the real command line exits 2 with the reason.
     out = _run_pretrain(BASE + ["--load", str(tmp_path / "missing")], ROOT)
     assert out.returncode == 2 and "--load" in out.stderr and "does not exist" in out.stderr
+    # The rest through the same entrypoint in this process (no interpreter start-up per case).
     # --load at a directory that is not a checkpoint
     (tmp_path / "notckpt").mkdir()
-    out = _run_pretrain(BASE + ["--load", str(tmp_path / "notckpt")], ROOT)
-    assert out.returncode == 2 and "not a btx-megatron checkpoint" in out.stderr
+    code, err = _main_in_process(BASE + ["--load", str(tmp_path / "notckpt")], capsys)
+    assert code == 2 and "not a btx-megatron checkpoint" in err
     # --save pointing at another run's checkpoints without --load
     other = tmp_path / "other"
     other.mkdir()
     (other / "latest_checkpointed_iteration.txt").write_text("5\n")
-    out = _run_pretrain(BASE + ["--save", str(other)], ROOT)
-    assert out.returncode == 2 and "already holds checkpoints" in out.stderr and "--overwrite-save" in out.stderr
+    code, err = _main_in_process(BASE + ["--save", str(other)], capsys)
+    assert code == 2 and "already holds checkpoints" in err and "--overwrite-save" in err
     # FP8 without Transformer Engine
-    out = _run_pretrain(BASE + ["--bf16", "--fp8-format", "hybrid"], ROOT)
-    assert out.returncode == 2 and "Transformer Engine" in out.stderr
+    code, err = _main_in_process(BASE + ["--bf16", "--fp8-format", "hybrid"], capsys)
+    assert code == 2 and "Transformer Engine" in err
     # Nothing was written by any of these.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notckpt", "other"]
     assert list((tmp_path / "notckpt").iterdir()) == []
