@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
     p.add_argument("--bf16", action="store_true", default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--fp32", dest="bf16", action="store_false")
+    p.add_argument("--force-expert", action="append", default=[], metavar="[DOMAIN=]EXPERT",
+                   help="MoE only: route every token (of DOMAIN) to EXPERT, a name from the merge "
+                        "(e.g. math, seed); repeat per domain")
+    p.add_argument("--oracle-routing", action="store_true",
+                   help="MoE only: each domain's tokens to the expert of the same name (how much of "
+                        "each branch a merged model keeps, with no router training)")
     g = p.add_argument_group("BTM ensemble")
     g.add_argument("--btm", action="store_true", help="ensemble the --load NAME=CKPT branch models")
     g.add_argument("--btm-topk", type=int, default=2)
@@ -74,6 +80,22 @@ def _named(pairs, flag: str) -> dict[str, list[str]]:
     return out
 
 
+def _force_map(args) -> dict[str, str] | None:
+    """--oracle-routing / --force-expert [DOMAIN=]EXPERT -> {domain or "*": expert}."""
+    force: dict[str, str] = {}
+    if args.oracle_routing:
+        force.update({name: name for name, _ in args.eval_domain})
+    for item in args.force_expert:
+        domain, sep, expert = item.rpartition("=")
+        key = domain if sep else "*"
+        if not expert or (sep and not domain):
+            raise ValueError(f"--force-expert expects EXPERT or DOMAIN=EXPERT, got {item!r}.")
+        force[key] = expert
+    if force and args.btm:
+        raise ValueError("--force-expert/--oracle-routing apply to one MoE checkpoint, not to --btm.")
+    return force or None
+
+
 def run(args) -> dict:
     from btx_megatron.btx.evaluation import EvalOptions, evaluate_checkpoint
 
@@ -84,6 +106,7 @@ def run(args) -> dict:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size, bf16=args.bf16,
+        force_expert=_force_map(args),
     )
     if not args.btm:
         if len(args.load) != 1 or "=" in args.load[0]:

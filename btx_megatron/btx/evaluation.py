@@ -25,6 +25,7 @@ TP/PP/EP > 1 (Megatron's forward-only schedule; every rank returns the same resu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -56,6 +57,11 @@ class EvalOptions:
     expert_model_parallel_size: int = 1
     bf16: bool | None = None                # None: bf16 on CUDA, fp32 on CPU
     progress: bool = True
+    # MoE only: route every token of a domain to one expert, by expert name (the merge manifest's
+    # expert_names). "*" applies to every domain. An "oracle" routing of a merged BTX model
+    # ({"math": "math", ...}) measures how much of each branch the merge keeps before any
+    # router is trained.
+    force_expert: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -320,21 +326,87 @@ def model_token_losses(loaded: LoadedModel, dataset, num_samples: int) -> TokenL
     return _gather(sink, num_samples, cfg.model.seq_length)
 
 
+def expert_names(loaded: LoadedModel) -> list[str]:
+    """The MoE checkpoint's expert names (merge manifest), else expert_0 ... expert_{N-1}."""
+    n = loaded.cfg.model.num_experts or 0
+    names = list((loaded.manifest.get("btx") or {}).get("expert_names") or [])
+    return names if len(names) == n else [f"expert_{i}" for i in range(n)]
+
+
+def _forced_experts(loaded: LoadedModel, force: dict[str, str] | None, domains: list[str]) -> dict[str, int]:
+    """domain -> expert index for ``EvalOptions.force_expert`` (ValueError naming the fix)."""
+    if not force:
+        return {}
+    if not loaded.cfg.model.is_moe:
+        raise ValueError(f"--force-expert needs an MoE checkpoint; {loaded.path} is dense.")
+    names = expert_names(loaded)
+    unknown = sorted(set(force) - set(domains) - {"*"})
+    if unknown:
+        raise ValueError(f"--force-expert names domain(s) {unknown}; the domains are {domains}.")
+    out = {}
+    for d in domains:
+        name = force.get(d, force.get("*"))
+        if name is None:
+            continue
+        if name not in names:
+            raise ValueError(f"--force-expert {d}={name}: the checkpoint's experts are {names}.")
+        out[d] = names.index(name)
+    return out
+
+
+@contextlib.contextmanager
+def forced_routing(model_chunks: list, expert: int | None):
+    """Every router of ``model_chunks`` sends every token to ``expert`` with weight 1.
+
+    The router's logits are replaced by a one-hot of height 60 (softmax weight 1 - e^-60 for the
+    expert, for top-k and soft routing alike); token dispatch, expert parallelism and the
+    experts' own computation are the model's, untouched. ``expert`` None: nothing changes.
+    """
+    from megatron.core.transformer.moe.router import Router
+
+    if expert is None:
+        yield
+        return
+    routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, Router)]
+
+    def gating(input, router):
+        logits = torch.zeros(*input.shape[:-1], router.weight.shape[0], dtype=torch.float32, device=input.device)
+        logits[..., expert] = 60.0
+        return logits
+
+    for r in routers:
+        r.gating = partial(gating, router=r)
+    try:
+        yield
+    finally:
+        for r in routers:
+            del r.gating  # back to the class's method
+
+
 def per_token_losses(path: str | Path, opts: EvalOptions) -> tuple[dict[str, TokenLosses], LoadedModel]:
     """Per-token losses of one checkpoint on every domain (same sequences for every model)."""
     loaded = load_for_eval(path, opts)
     datasets = build_eval_datasets(loaded.cfg, loaded.tokenizer, opts.num_samples)
+    forced = _forced_experts(loaded, opts.force_expert, list(datasets))
     n = common_num_samples(datasets, opts.num_samples)
     out = {}
     for name, ds in datasets.items():
         started = time.perf_counter()
-        out[name] = model_token_losses(loaded, ds, n)
+        with forced_routing(loaded.setup.model, forced.get(name)):
+            out[name] = model_token_losses(loaded, ds, n)
         if opts.progress and _rank() == 0:
             tokens = int(out[name].mask.sum())
             elapsed = max(time.perf_counter() - started, 1e-9)
             print(f"[eval] {Path(str(path)).name} {name}: {n} sequences, {tokens:,} tokens, "
                   f"loss {out[name].mean():.4f}, {tokens / elapsed:,.0f} tokens/s", flush=True)
     return out, loaded
+
+
+def _forced_names(loaded: LoadedModel, opts: EvalOptions) -> dict[str, str] | None:
+    if not opts.force_expert:
+        return None
+    names = expert_names(loaded)
+    return {d: names[i] for d, i in _forced_experts(loaded, opts.force_expert, list(opts.domains)).items()}
 
 
 def _rank() -> int:
@@ -362,5 +434,6 @@ def evaluate_checkpoint(path: str | Path, domains: dict[str, list[str]] | None =
         "num_experts": m.num_experts, "router_type": m.moe_router_type if m.is_moe else None,
         "router_topk": m.moe_router_topk if m.is_moe else None,
         "seq_length": m.seq_length, "num_samples": next(iter(losses.values())).tokens.shape[0],
+        "forced_experts": _forced_names(loaded, opts),
         "domains": domain_results, **summarize(domain_results),
     }

@@ -54,6 +54,8 @@ from .experiment import (
 
 STATE_FILE = "stages.json"
 STATE_VERSION = 1
+MERGED_ROW = "btx_merged"  # results-table row of the merged checkpoint (iteration 0)
+ORACLE_ROW = "btx_oracle"  # the merged checkpoint, each domain's tokens forced to its own expert
 STAGES = ("corpora", "seed", "branches", "merge", "mix", "dense", "upcycling", "evaluate", "routing", "report")
 STAGE_GROUPS = {"baselines": ("dense", "upcycling")}
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -815,6 +817,11 @@ class Pipeline:
             models["btm"] = {"btm": {n: str(self.plans[n].save_dir) for n in self.branch_names},
                              "train_data": {n: [e.prefix for e in self.exp.domain(n).data] for n in self.branch_names},
                              "top_k": int(self.exp.baselines.btm.get("top_k", 2))}
+        # The merged model before any mix-phase step: how much of the branches the merge keeps.
+        models[MERGED_ROW] = {"path": str(self.exp.merged_dir)}
+        own = {d: d for d in self.exp.eval_domains if d in self.branch_names}
+        if own and self.exp.merge.method == "btx":
+            models[ORACLE_ROW] = {"path": str(self.exp.merged_dir), "force_expert": own}
         models["btx"] = {"path": str(self.exp.mix_dir / "checkpoints")}
         for rt in self.router_variants:
             models[f"btx_{rt}"] = {"path": str(self.router_variant_dir(rt) / "checkpoints")}
@@ -913,6 +920,7 @@ class Pipeline:
             merged_fp = self.stage_merge(seed_fp, branch_fps) if wanted("merge") else None
             mix_fp = self.stage_mix(merged_fp) if wanted("mix") else None
             fps: dict[str, dict] = {SEED_NAME: seed_fp, **(branch_fps or {}), "btx": mix_fp,
+                                    MERGED_ROW: merged_fp, ORACLE_ROW: merged_fp,
                                     "btm": {"branches": branch_fps}}
             if wanted("mix"):
                 fps.update({f"btx_{rt}": fp for rt, fp in self.stage_router_variants(merged_fp).items()})
@@ -1003,7 +1011,8 @@ def eval_worker(spec_path: str) -> int:
         elif str(model["path"]) in alone:
             result = alone[str(model["path"])]
         else:
-            result = evaluate_checkpoint(model["path"], spec["domains"], **common)
+            result = evaluate_checkpoint(model["path"], spec["domains"], force_expert=model.get("force_expert"),
+                                         **common)
         result["model"] = name
         result["eval_seconds"] = round(time.perf_counter() - started, 2)
         fmt.write_json_atomic(spec["outputs"][name], result)
@@ -1041,12 +1050,15 @@ def results_rows(p: Pipeline) -> tuple[list[dict[str, Any]], tuple[float, float]
         cost["upcycling"] = stage_cost(p.upcycling_dir / "checkpoints")
     cost["btm"] = branches_total
     cost["btx"] = (branches_total[0] + mix_cost[0], branches_total[1] + mix_cost[1])
+    cost[MERGED_ROW] = cost[ORACLE_ROW] = branches_total
     for rt in p.router_variants:
         c = stage_cost(p.router_variant_dir(rt) / "checkpoints")
         cost[f"btx_{rt}"] = (branches_total[0] + c[0], branches_total[1] + c[1])
     labels = {SEED_NAME: "seed", DENSE_NAME: "dense (compute-matched)", "upcycling": "sparse upcycling",
               "btm": f"BTM top-{exp.baselines.btm.get('top_k', 2)}",
-              "btx": f"BTX {exp.mix.model.get('moe_router_type', 'topk')}-{p.mix_topk()}"}
+              "btx": f"BTX {exp.mix.model.get('moe_router_type', 'topk')}-{p.mix_topk()}",
+              MERGED_ROW: "BTX merged, before the mix phase",
+              ORACLE_ROW: "BTX merged, oracle routing (domain -> own expert)"}
     rows = []
     for name in p.eval_models():
         data = read_json(p.eval_dir / f"{name}.json") or {}
@@ -1075,6 +1087,15 @@ def shape_checks(rows: list[dict], domains: list[str], branches: list[str]) -> d
     if "btx" in by:
         gaps = {d: by["btx"]["ppl"][d] / min(by[m]["ppl"][d] for m in branches) - 1 for d in domains}
         out["BTX ppl gap to the best branch per domain (%)"] = {d: round(100 * g, 1) for d, g in gaps.items()}
+    # How much of each branch's gain over the seed survives the merge (averaged shared weights)
+    # when routing is perfect: 100% = the branch itself, 0% = the seed.
+    if ORACLE_ROW in by and SEED_NAME in by:
+        kept = {}
+        for d in domains:
+            if d in by and by[SEED_NAME]["loss"][d] != by[d]["loss"][d]:
+                gain = by[SEED_NAME]["loss"][d] - by[d]["loss"][d]
+                kept[d] = round(100 * (by[SEED_NAME]["loss"][d] - by[ORACLE_ROW]["loss"][d]) / gain, 1)
+        out["share of each branch's loss gain kept by the merge, oracle routing (%)"] = kept
     return out
 
 

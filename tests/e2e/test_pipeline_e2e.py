@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = REPO / "examples" / "tiny" / "experiment.yaml"
 DOMAINS = ("math", "code", "wiki")
-MODELS = ("seed", "math", "code", "wiki", "dense", "upcycling", "btm", "btx")
+MODELS = ("seed", "math", "code", "wiki", "dense", "upcycling", "btm", "btx_merged", "btx_oracle", "btx")
 
 
 def run_pipeline(out: Path, data: Path) -> str:
@@ -133,6 +133,12 @@ def test_every_stage_output(run):
         result = json.loads((out / "eval" / f"{m}.json").read_text())
         for d in DOMAINS:
             assert math.isfinite(result["domains"][d]["loss"]), (m, d)
+
+    # The oracle row is the merged model with each domain's tokens forced to its own expert.
+    oracle = json.loads((out / "eval" / "btx_oracle.json").read_text())
+    merged_eval = json.loads((out / "eval" / "btx_merged.json").read_text())
+    assert oracle["forced_experts"] == {d: d for d in DOMAINS} and merged_eval["forced_experts"] is None
+    assert oracle["checkpoint"] == merged_eval["checkpoint"]
 
     # Report: the table (markdown + JSON) with finite numbers for every model, and the PNGs.
     results = json.loads((out / "report" / "results.json").read_text())

@@ -82,6 +82,26 @@ def _worker(corpora: str, work: str) -> dict:
     res["btm_uniform"] = evaluate_btm(branches, train, valid, btm=BTMOptions(topk=3, weighting="uniform"),
                                       progress=False, **tok)
     res["btm_causal"] = evaluate_btm(branches, train, valid, btm=BTMOptions(topk=2), progress=False, **tok)
+    # Forced routing: a merge of dense_a and dense_b whose shared weights are all dense_a's
+    # (--weights a=1,b=0) routed wholly to expert "a" is dense_a, token for token.
+    import os
+    import subprocess
+
+    merged = Path(work) / "merged_ab"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "tools" / "merge_branches.py"),
+                    "--branch", f"a={ckpts['dense_a']}", "--branch", f"b={ckpts['dense_b']}", "--weights", "a=1,b=0",
+                    "--output", str(merged), "--quiet"], check=True, capture_output=True,
+                   env={k: v for k, v in os.environ.items()  # its own world, not this worker's
+                        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    res["forced_a"] = evaluate_checkpoint(str(merged), valid, force_expert={"*": "a"}, progress=False, **tok)
+    res["forced_mixed"] = evaluate_checkpoint(str(merged), valid, force_expert={"math": "a", "code": "b"},
+                                              progress=False, **tok)
+    res["unforced"] = evaluate_checkpoint(str(merged), valid, progress=False, **tok)
+    res["dense_a_default"] = evaluate_checkpoint(ckpts["dense_a"], valid, progress=False, **tok)
+    try:
+        evaluate_checkpoint(str(merged), valid, force_expert={"*": "nope"}, progress=False, **tok)
+    except ValueError as exc:
+        res["bad_expert"] = str(exc)
     # The command line on the dense checkpoint.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     import evaluate as cli
@@ -117,6 +137,23 @@ def test_evaluate_equals_direct_logits_computation(results, model):
         assert r["loss"] == pytest.approx(_hand_mean(hand[domain]), abs=2e-6, rel=0)
         assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
     assert ev["average_loss"] == pytest.approx(sum(r["loss"] for r in ev["domains"].values()) / 3)
+
+
+def test_forced_routing_to_an_expert_is_that_expert_s_dense_model(results):
+    want = results["dense_a_default"]["domains"]
+    forced = results["forced_a"]
+    assert forced["forced_experts"] == {d: "a" for d in want}
+    for d in want:
+        assert forced["domains"][d]["loss"] == pytest.approx(want[d]["loss"], abs=2e-5, rel=0), d
+    # Per-domain forcing: math -> a (= dense_a), code -> b (b's FFN on a's trunk: not dense_a),
+    # wiki unforced (the router's choice, as in the unforced run).
+    mixed, unforced = results["forced_mixed"], results["unforced"]
+    assert mixed["forced_experts"] == {"math": "a", "code": "b"}
+    assert mixed["domains"]["math"]["loss"] == pytest.approx(want["math"]["loss"], abs=2e-5, rel=0)
+    assert abs(mixed["domains"]["code"]["loss"] - want["code"]["loss"]) > 1e-3
+    assert mixed["domains"]["wiki"]["loss"] == pytest.approx(unforced["domains"]["wiki"]["loss"], abs=1e-6, rel=0)
+    assert abs(unforced["domains"]["math"]["loss"] - want["math"]["loss"]) > 1e-4  # forcing did something
+    assert "nope" in results["bad_expert"] and "['a', 'b']" in results["bad_expert"]
 
 
 def test_models_differ(results):
