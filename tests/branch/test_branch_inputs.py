@@ -212,7 +212,7 @@ def test_dry_run_prints_the_expected_sbatch_jobs(monkeypatch, tmp_path):
             f"SAVE={run}/branches/{d}/checkpoints", f"INIT_CHECKPOINT={run}/seed/checkpoints   # the seed (first start only)",
             "TRAIN_ITERS=250", "    --train-iters 250", f"    --data-path {tmp_path}/corpora/data/{d}_train",
             f"    --save {run}/branches/{d}/checkpoints", "    --num-layers 4", "    --seq-length 128",
-            "    --lr 0.001", "    --global-batch-size 16",
+            "    --lr 0.001", "    --global-batch-size 32",
             'source "$BTX_ROOT/slurm/branch.sbatch"',
         ]:
             assert expected in lines, (expected, script)
