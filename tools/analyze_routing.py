@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         domains[name] = prefixes
     from btx_megatron.btx.routing_analysis import RoutingAnalysisOptions, analyze
-    from btx_megatron.runtime.distributed import destroy
+    from btx_megatron.runtime.distributed import run_entrypoint
 
     opts = RoutingAnalysisOptions(
         load=args.load, domains=domains, output=args.output, tokenizer_type=args.tokenizer_type,
@@ -69,13 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         expert_model_parallel_size=args.expert_model_parallel_size, seed=args.seed,
         overwrite=args.overwrite, plots=not args.no_plots,
     )
-    try:
-        report = analyze(opts)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    out: dict = {}
+    if run_entrypoint(lambda: out.update(report=analyze(opts))):
         return 2
-    finally:
-        destroy()
+    report = out["report"]
     if int(os.environ.get("RANK", "0")) == 0:
         for name, summary in report["domains"].items():
             tops = [layer["top_expert"] for layer in summary["layers"].values()]

@@ -132,15 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
     from btx_megatron import checkpoint_format as fmt
-    from btx_megatron.runtime.distributed import destroy
+    from btx_megatron.runtime.distributed import run_entrypoint
 
-    try:
-        result = run(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    out: dict = {}
+    if run_entrypoint(lambda: out.update(result=run(args))):
         return 2
-    finally:
-        destroy()
+    result = out["result"]
     if int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         fmt.write_json_atomic(args.output, result)

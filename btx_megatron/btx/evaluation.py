@@ -270,6 +270,7 @@ class LoadedModel:
     cfg: Any
     setup: Any
     tokenizer: Any
+    forced_experts: dict[str, str] | None = None  # domain -> expert name (EvalOptions.force_expert)
 
 
 def load_for_eval(path: str | Path, opts: EvalOptions) -> LoadedModel:
@@ -388,6 +389,8 @@ def per_token_losses(path: str | Path, opts: EvalOptions) -> tuple[dict[str, Tok
     loaded = load_for_eval(path, opts)
     datasets = build_eval_datasets(loaded.cfg, loaded.tokenizer, opts.num_samples)
     forced = _forced_experts(loaded, opts.force_expert, list(datasets))
+    if forced:
+        loaded.forced_experts = {d: expert_names(loaded)[i] for d, i in forced.items()}
     n = common_num_samples(datasets, opts.num_samples)
     out = {}
     for name, ds in datasets.items():
@@ -400,13 +403,6 @@ def per_token_losses(path: str | Path, opts: EvalOptions) -> tuple[dict[str, Tok
             print(f"[eval] {Path(str(path)).name} {name}: {n} sequences, {tokens:,} tokens, "
                   f"loss {out[name].mean():.4f}, {tokens / elapsed:,.0f} tokens/s", flush=True)
     return out, loaded
-
-
-def _forced_names(loaded: LoadedModel, opts: EvalOptions) -> dict[str, str] | None:
-    if not opts.force_expert:
-        return None
-    names = expert_names(loaded)
-    return {d: names[i] for d, i in _forced_experts(loaded, opts.force_expert, list(opts.domains)).items()}
 
 
 def _rank() -> int:
@@ -434,6 +430,6 @@ def evaluate_checkpoint(path: str | Path, domains: dict[str, list[str]] | None =
         "num_experts": m.num_experts, "router_type": m.moe_router_type if m.is_moe else None,
         "router_topk": m.moe_router_topk if m.is_moe else None,
         "seq_length": m.seq_length, "num_samples": next(iter(losses.values())).tokens.shape[0],
-        "forced_experts": _forced_names(loaded, opts),
+        "forced_experts": loaded.forced_experts,
         "domains": domain_results, **summarize(domain_results),
     }

@@ -611,11 +611,8 @@ def compute_centroids(sources: list[Source], opts: MergeOptions) -> tuple[torch.
             eval_domains={src.name: _as_prefixes(opts.centroid_data[src.name])},
             tokenizer_type=opts.tokenizer_type, tokenizer_model=opts.tokenizer_model))
         tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model, mcfg.vocab_size)
-        try:
-            ds = build_domain_eval_datasets(cfg.data, tokenizer, seq_length=seq, seed=opts.router_seed,
-                                            num_samples=opts.centroid_samples)[src.name]
-        except ValueError as exc:  # name the flag the user gave, not the loader's
-            raise ValueError(str(exc).replace(f"--eval-domain {src.name}", f"--centroid-data {src.name}")) from None
+        ds = build_domain_eval_datasets(cfg.data, tokenizer, seq_length=seq, seed=opts.router_seed,
+                                        num_samples=opts.centroid_samples, flag="--centroid-data")[src.name]
         model = build_model_chunks(cfg, transformer_config(cfg))[0]
         load_model_weights([model], src.ckpt_dir, flag=src.flag)
         model.eval()

@@ -65,22 +65,22 @@ def default_cache_path(prefixes: list[str]) -> str:
 
 
 def content_key(prefixes: list[str]) -> str:
-    """A short digest of the datasets' contents (each ``.idx`` and the ``.bin`` size).
+    """A short digest naming the datasets' current files (path, size and mtime of ``.bin``/``.idx``).
 
     Megatron keys its cached indices on the dataset *path* and the sampling options only, so a
     prefix re-made in place (another tokenizer, more documents) would silently reuse indices of
     the old file: samples cut at the wrong offsets. Cache directories are therefore keyed on this
-    digest too. The ``.idx`` holds every document's length, so it changes with any re-tokenisation.
+    digest too. File metadata, not contents: an ``.idx`` of a 100B-token corpus is gigabytes, and
+    every rank computes the key at every start.
     """
     import hashlib
 
     digest = hashlib.sha256()
     for prefix in sorted(set(os.path.abspath(p) for p in prefixes)):
         digest.update(prefix.encode())
-        digest.update(str(os.path.getsize(prefix + ".bin")).encode())
-        with open(prefix + ".idx", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        for suffix in (".bin", ".idx"):
+            st = os.stat(prefix + suffix)
+            digest.update(f"{suffix}:{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -250,8 +250,11 @@ def build_domain_eval_datasets(
     seed: int,
     num_samples: int | None,
     is_built_on_rank: Callable[[], bool] | None = None,
+    flag: str = "--eval-domain",
 ) -> dict:
     """One validation dataset per ``data_cfg.eval_domains`` entry, in sorted name order.
+
+    ``flag`` names the command-line option the domains came from, for error messages.
 
     Each domain's prefixes are used whole (they are already held-out validation sets).
     ``num_samples`` None gives exactly one pass over the domain's documents.
@@ -260,8 +263,7 @@ def build_domain_eval_datasets(
 
     datasets = {}
     for name in sorted(data_cfg.eval_domains or {}):
-        flag = f"--eval-domain {name}"
-        blend = _checked_blend(data_cfg.eval_domains[name], tokenizer, flag)
+        blend = _checked_blend(data_cfg.eval_domains[name], tokenizer, f"{flag} {name}")
         cache_dir = cache_path(data_cfg, blend.prefixes)
         # blend_per_split puts the whole prefix in the validation split (no train/test carve-out).
         config = _gpt_config(
