@@ -54,8 +54,12 @@ def _run(argv: list[str]) -> dict:
 
 
 def make_llama(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
-               dtype_name: str, shard_bytes: int) -> int:
+               dtype_name: str, shard_bytes: int, seed: int = 0) -> int:
+    """A random Hugging Face Llama directory at ``path``: ``config.json`` from transformers'
+    ``LlamaConfig``, safetensors weights (sharded at ``shard_bytes`` with an index when larger)
+    and a small fast tokenizer (tools such as mergekit load one). Returns the weight bytes."""
     import torch
+    import transformers
     from safetensors.torch import save_file
 
     from btx_megatron.config import ModelConfig
@@ -66,7 +70,7 @@ def make_llama(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_he
                     swiglu=True, normalization="RMSNorm", position_embedding_type="rope", disable_bias_linear=True)
     dtype = getattr(torch, dtype_name)
     path.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     shards, current, size, total = [], {}, 0, 0
     for name, shape in mapping.hf_expected_shapes(mapping.Shapes.from_model_config(m)).items():
         t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
@@ -78,20 +82,38 @@ def make_llama(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_he
         size += nbytes
         total += nbytes
     shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-              "hidden_act": "silu", "torch_dtype": dtype_name}
-    (path / "config.json").write_text(json.dumps(config))
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                       "weight_map": weight_map}))
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = dtype_name
+    config.to_json_file(str(path / "config.json"))
+    _write_tokenizer(path)
     return total
+
+
+def _write_tokenizer(path: Path) -> None:
+    """A word-level fast tokenizer with Llama's special tokens (no download needed)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": 3 + i for i in range(61)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(str(path))
 
 
 def _copy_seconds(src: Path, dst: Path) -> float:

@@ -33,7 +33,7 @@ def run(extra: list[str], iters: int, seq: int, mbs: int, out: Path) -> dict:
                             "--global-batch-size", str(mbs * 4), "--train-iters", str(iters),
                             "--log-interval", "5", "--metrics-file", str(out)]
     cfg, _ = parse_config(argv)
-    run_training(cfg, argv, stage="bench")
+    run_training(cfg, argv)
     records = [json.loads(l) for l in out.read_text().splitlines() if '"train"' in l]
     steady = records[1:] or records  # the first window includes compilation and warm-up
     tok = sum(r["tokens_per_s"] for r in steady) / len(steady)

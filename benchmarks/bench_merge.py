@@ -65,7 +65,7 @@ def make_branches(root: str, argv: list[str], n: int) -> list[str]:
 def merge_worker(branches: list[str], output: str, repeat: int = 2) -> dict:
     import torch
 
-    from btx_megatron.btx.merge_io import MergeOptions, run_merge
+    from btx_megatron.merge import MergeOptions, run_merge
 
     torch.distributed.init_process_group("gloo")
     # One-time per-process costs, timed apart: Megatron-Core's checkpoint modules and the

@@ -28,8 +28,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from btx_megatron import checkpoint_format as fmt
-from btx_megatron.config import Config, parse_config
+from btx_megatron import checkpoint as fmt
+from btx_megatron.config import Config, parse_config, parse_options
+from btx_megatron.pretrain import resolve_vocab
+from btx_megatron.pretrain import run as pretrain_run
+from btx_megatron.runtime.distributed import run_entrypoint
+from btx_megatron.training.checkpointing import check_compatible
+from btx_megatron.training.trainer import StageHooks
 
 MERGE_TOOL = "tools/merge_branches.py"
 STAGE = "mix"
@@ -48,32 +53,6 @@ class MixSource:
     btx: dict[str, Any]             # provenance carried into this stage's manifests
 
 
-def _explicit_options(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Options the user set (command line or ``--config`` YAML), by config section.
-
-    The parser leaves absent flags out of its namespace (default ``SUPPRESS``), which is how a
-    flag the user omitted is told apart from one set to its default value.
-    """
-    import yaml
-
-    from btx_megatron.config import build_parser
-    from btx_megatron.config.args import _yaml_to_sections
-    from btx_megatron.config.schema import SECTIONS
-
-    ns, _ = build_parser().parse_known_args(list(argv))
-    out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    if getattr(ns, "config", None):
-        path = Path(ns.config)
-        if path.is_file():
-            for section, values in _yaml_to_sections(yaml.safe_load(path.read_text()) or {}, str(path)).items():
-                out[section].update(values)
-    for key, value in vars(ns).items():
-        if "__" in key:
-            section, name = key.split("__", 1)
-            out[section][name] = value
-    return out
-
-
 def inspect_source(load: str, save: str | None) -> MixSource:
     """Read the manifest the run will start from; refuse anything that is not a BTX MoE."""
     if not load:
@@ -81,6 +60,8 @@ def inspect_source(load: str, save: str | None) -> MixSource:
             "pretrain_mix needs --load MERGED_DIR: the MoE checkpoint written by "
             f"{MERGE_TOOL} (or a mix checkpoint to resume)."
         )
+    if save and Path(save).is_dir():
+        fmt.restore_tracked(save)  # a kill between the renames of a re-save (see plan_start)
     resuming_own = bool(save) and fmt.read_tracker(save) is not None
     path = save if resuming_own else load
     flag = "--save" if resuming_own else "--load"
@@ -141,56 +122,43 @@ def _defaults_from_manifest(source: MixSource, explicit: dict[str, dict[str, Any
     return extra
 
 
-def check_against_checkpoint(cfg: Config, source: MixSource) -> None:
-    """Architecture, expert shape and layout checks that must pass before any compute."""
-    from btx_megatron.training.checkpointing import check_compatible
-
-    where = f"{'--save' if source.resuming_own else '--load'} {source.path}"
-    check_compatible(cfg, source.manifest, where)
-    saved = source.manifest["model"]
-    saved_expert_ffn = saved.get("moe_ffn_hidden_size") or saved.get("ffn_hidden_size")
-    if saved_expert_ffn is not None and saved_expert_ffn != cfg.model.expert_ffn_hidden_size:
-        raise ValueError(
-            f"{where} has experts of FFN size {saved_expert_ffn} but this run has "
-            f"--moe-ffn-hidden-size {cfg.model.expert_ffn_hidden_size}; drop the flag (it is read "
-            "from the checkpoint) or load the matching checkpoint."
-        )
-
-
-def check_router_options(cfg: Config) -> None:
-    """Router/balancing combinations the routers refuse only once the model is built (after
-    distributed start-up); caught here first. (Candidates for ModelConfig.__post_init__.)"""
-    m = cfg.model
-    if m.moe_router_type in ("soft", "sample-top1") and m.moe_router_load_balancing_type == "sinkhorn":
-        raise ValueError(
-            f"--moe-router-load-balancing-type sinkhorn chooses the experts itself and works with "
-            f"--moe-router-type topk or switch only, not {m.moe_router_type}; use aux_loss, "
-            "seq_aux_loss, global_aux_loss or none."
-        )
-
-
 def prepare(argv: Sequence[str], world_size: int | None = None) -> tuple[Config, MixSource]:
     """Parse the mix-phase command line against its checkpoint; raise ValueError on mismatch.
 
     With ``world_size`` the parallel layout is checked too (EP must divide the experts, ...).
     """
     argv = list(argv)
-    explicit = _explicit_options(argv)
+    explicit, _ = parse_options(argv)
     ck = explicit["checkpoint"]
     source = inspect_source(ck.get("load"), ck.get("save"))
     # argparse keeps the last occurrence, so the user's flags (after these) still win where
     # they agree; contradictions were refused above.
     cfg, _ = parse_config(_defaults_from_manifest(source, explicit) + argv)
-    from btx_megatron.pretrain import resolve_vocab
-
     resolve_vocab(cfg)
-    check_against_checkpoint(cfg, source)
-    check_router_options(cfg)
+    check_compatible(cfg, source.manifest, f"{'--save' if source.resuming_own else '--load'} {source.path}")
+    if cfg.train.train_experts:
+        cfg.train.trained_expert_ids = resolve_experts(cfg.train.train_experts, source)
     if world_size is not None:
         cfg.validate_layout(world_size)
     if source.from_merge:
         cfg.checkpoint.finetune = True
     return cfg, source
+
+
+def resolve_experts(names: list[str], source: MixSource) -> tuple[int, ...]:
+    """``--train-experts`` names (or indices) -> sorted expert indices of the checkpoint."""
+    out = set()
+    for name in names:
+        if name in source.expert_names:
+            out.add(source.expert_names.index(name))
+        elif name.isdigit() and int(name) < len(source.expert_names):
+            out.add(int(name))
+        else:
+            raise ValueError(f"--train-experts {name}: the checkpoint's experts are {', '.join(source.expert_names)} "
+                             f"(or indices 0..{len(source.expert_names) - 1}).")
+    if len(out) == len(source.expert_names):
+        raise ValueError("--train-experts names every expert; drop it to train the whole model.")
+    return tuple(sorted(out))
 
 
 def mix_manifest(source: MixSource, cfg: Config) -> dict[str, Any]:
@@ -206,44 +174,53 @@ def mix_manifest(source: MixSource, cfg: Config) -> dict[str, Any]:
             "freeze_experts": cfg.train.freeze_experts,
             "freeze_router": cfg.train.freeze_router,
         }
+    if cfg.train.trained_expert_ids is not None:
+        # Expert training against frozen shared weights: record which experts changed.
+        btx.setdefault("expert_training", []).append({
+            "experts": [source.expert_names[i] for i in cfg.train.trained_expert_ids],
+            "router_rows": cfg.train.train_router, "started_from": str(source.checkpoint_dir)})
     return {"btx": btx, "stage": STAGE}
 
 
-def _trainer_class():
-    from btx_megatron.training.trainer import Trainer
-
-    class MixTrainer(Trainer):
-        """The pretraining Trainer with the merge provenance written into every checkpoint."""
-
-        def __init__(self, cfg, *, argv=None, stage=STAGE, source: MixSource):
-            super().__init__(cfg, argv=argv, stage=stage)
-            self.source = source
-            self._extra_manifest = mix_manifest(source, cfg)
-            self._log(
-                f"{stage}: {cfg.model.num_experts} experts ({', '.join(source.expert_names)}), router "
-                f"{cfg.model.moe_router_type}"
-                + (f" top-{cfg.model.moe_router_topk}" if cfg.model.moe_router_type == "topk" else "")
-                + (" | starting the merged model at iteration 0 with a fresh optimizer" if source.from_merge else "")
-            )
-
-    return MixTrainer
+def stage_hooks(cfg: Config, source: MixSource):
+    """The mix phase's additions to the training loop: provenance in every manifest, a banner."""
+    m = cfg.model
+    banner = (f"{STAGE}: {m.num_experts} experts ({', '.join(source.expert_names)}), router {m.moe_router_type}"
+              + (f" top-{m.moe_router_topk}" if m.moe_router_type == "topk" else "")
+              + (" | starting the merged model at iteration 0 with a fresh optimizer" if source.from_merge else ""))
+    return StageHooks(name=STAGE, manifest_extra=mix_manifest(source, cfg), banner=banner)
 
 
 def run(argv: Sequence[str]):
     """Prepare and train in this process (initialises distributed state); returns TrainResult."""
-    import functools
-
-    from btx_megatron.pretrain import run as pretrain_run
-
     cfg, source = prepare(argv)
-    trainer_cls = functools.partial(_trainer_class(), source=source)
-    return pretrain_run(cfg, list(argv), stage=STAGE, trainer_cls=trainer_cls)
+    return pretrain_run(cfg, list(argv), hooks=stage_hooks(cfg, source))
+
+
+def dry_run_plan(argv: Sequence[str]) -> str:
+    """``--dry-run`` (see :func:`btx_megatron.pretrain.dry_run_plan`). With a readable ``--load``
+    the expert shape comes from the merged checkpoint and is checked against it; without one
+    (planning away from the cluster) ``--num-experts`` must be given."""
+    from btx_megatron.training.memory import dry_run, split_dry_run_args
+
+    plan, argv = split_dry_run_args(argv)
+    load = parse_options(argv)[0]["checkpoint"].get("load")
+    if load and Path(load).exists():
+        cfg, _ = prepare(argv)
+    else:
+        cfg, _ = parse_config(argv)
+        if not cfg.model.is_moe:
+            raise ValueError("pretrain_mix --dry-run without a readable --load needs --num-experts "
+                             "(the merged model's expert count); or pass --load MERGED_DIR.")
+        if cfg.model.vocab_size is None:
+            resolve_vocab(cfg)
+    return dry_run(cfg, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from btx_megatron.runtime.distributed import run_entrypoint
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" in argv:
+        return run_entrypoint(lambda: print(dry_run_plan(argv)))
     return run_entrypoint(lambda: run(argv))
 
 

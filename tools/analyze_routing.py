@@ -8,7 +8,7 @@ router probability of every expert; writes routing.json and a heatmap PNG per do
     torchrun --nproc-per-node 8 tools/analyze_routing.py --expert-model-parallel-size 8 ...
 
 The tokenizer defaults to the one recorded in the checkpoint's run_config.json. See
-btx_megatron/btx/routing_analysis.py.
+btx_megatron/eval/routing.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _domain(text: str) -> tuple[str, list[str]]:
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --data names {name!r} twice", file=sys.stderr)
             return 2
         domains[name] = prefixes
-    from btx_megatron.btx.routing_analysis import RoutingAnalysisOptions, analyze
+    from btx_megatron.eval.routing import RoutingAnalysisOptions, analyze
     from btx_megatron.runtime.distributed import run_entrypoint
 
     opts = RoutingAnalysisOptions(

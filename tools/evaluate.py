@@ -1,4 +1,5 @@
-"""Per-domain validation loss and perplexity of a checkpoint (dense or MoE) or of a BTM ensemble.
+"""Evaluate a checkpoint: per-domain perplexity, a BTM ensemble, or downstream tasks through
+lm-evaluation-harness.
 
     python tools/evaluate.py --load ckpt/mix --eval-domain math=data/math_valid \
         --eval-domain code=data/code_valid --eval-domain wiki=data/wiki_valid \
@@ -10,8 +11,18 @@
         --btm-train-data math=data/math_train --btm-train-data code=data/code_train ... \
         --eval-domain math=data/math_valid ... --output btm_eval.json
 
-Every domain is scored on the same number of sequences (--num-samples; default: the smallest
-domain's one pass). See btx_megatron/btx/evaluation.py and btx_megatron/btx/btm.py.
+    # Downstream tasks (lm-eval): the paper's suite on the datasets in the local HF cache
+    python tools/evaluate.py --load ckpt/mix --tasks btx-paper --output mix_tasks.json
+    # the built-in offline tasks, made from the corpora's held-out documents
+    python tools/evaluate.py --load ckpt/mix --tasks btx-builtin --corpora data/corpora --output tasks.json
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/mix --tasks arc_easy,gsm8k:8 \
+        --tensor-model-parallel-size 2 --output tasks.json
+
+Perplexity: every domain is scored on the same number of sequences (--num-samples; default:
+the smallest domain's one pass). Tasks: ``--output`` gets lm-eval's results JSON plus a
+per-domain summary; tasks whose dataset is not available offline are skipped with one line;
+code-execution tasks (HumanEval, MBPP) need --confirm-run-unsafe-code. See
+btx_megatron/eval/ (perplexity.py, btm.py, harness.py, tasks.py).
 """
 
 from __future__ import annotations
@@ -21,8 +32,6 @@ import json
 import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _pair(flag: str):
@@ -38,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--load", action="append", required=True, metavar="[NAME=]CKPT",
                    help="checkpoint ROOT or iter dir; with --btm, NAME=CKPT once per branch")
-    p.add_argument("--eval-domain", action="append", type=_pair("--eval-domain"), required=True,
-                   metavar="NAME=PREFIX", help="held-out indexed dataset of a domain; repeat per domain")
+    p.add_argument("--eval-domain", action="append", type=_pair("--eval-domain"), default=[],
+                   metavar="NAME=PREFIX", help="held-out indexed dataset of a domain; repeat per domain "
+                                               "(perplexity; required unless --tasks)")
     p.add_argument("--output", required=True, help="JSON file for the results")
     p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"))
     p.add_argument("--tokenizer-model")
@@ -58,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-routing", action="store_true",
                    help="MoE only: each domain's tokens to the expert of the same name (how much of "
                         "each branch a merged model keeps, with no router training)")
+    t = p.add_argument_group("downstream tasks (lm-evaluation-harness)")
+    t.add_argument("--tasks", help="comma-separated: btx-paper, btx-builtin, lm-eval task names; NAME:SHOTS sets "
+                                   "a task's few-shot count")
+    t.add_argument("--task-dir", help="extra lm-eval task YAMLs (--include_path); with btx-builtin: where the "
+                                      "built-in tasks are (or are written, with --corpora)")
+    t.add_argument("--corpora", help="built-in corpora directory (tools/build_corpora.py) to make the "
+                                     "btx-builtin tasks from its held-out documents")
+    t.add_argument("--task-items", type=int, default=40, help="items per built-in task")
+    t.add_argument("--limit", type=float, help="at most this many documents per task (a fraction if < 1)")
+    t.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
+    t.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow tasks that execute model-written code (HumanEval, MBPP)")
+    t.add_argument("--log-samples", action="store_true", help="keep every request and response in the JSON")
     g = p.add_argument_group("BTM ensemble")
     g.add_argument("--btm", action="store_true", help="ensemble the --load NAME=CKPT branch models")
     g.add_argument("--btm-topk", type=int, default=2)
@@ -96,9 +119,36 @@ def _force_map(args) -> dict[str, str] | None:
     return force or None
 
 
-def run(args) -> dict:
-    from btx_megatron.btx.evaluation import EvalOptions, evaluate_checkpoint
+def run_tasks(args) -> dict:
+    """--tasks: lm-eval on one checkpoint."""
+    from btx_megatron.eval.harness import evaluate_tasks
+    from btx_megatron.eval.loading import ModelLoadOptions
+    from btx_megatron.eval.tasks import resolve_task_specs
 
+    if args.btm or args.force_expert or args.oracle_routing or args.eval_domain:
+        raise ValueError("--tasks evaluates one checkpoint on downstream tasks; drop --eval-domain/--btm/"
+                         "--force-expert/--oracle-routing (run perplexity separately).")
+    if len(args.load) != 1 or "=" in args.load[0]:
+        raise ValueError("--tasks takes one --load CKPT.")
+    opts = ModelLoadOptions(
+        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model, seq_length=args.seq_length,
+        seed=args.seed, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size, bf16=args.bf16)
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    return evaluate_tasks(args.load[0], resolve_task_specs(args.tasks), opts, batch_size=args.batch_size,
+                          include_path=args.task_dir, corpora=args.corpora, task_items=args.task_items,
+                          limit=limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                          log_samples=args.log_samples)
+
+
+def run(args) -> dict:
+    from btx_megatron.eval.perplexity import EvalOptions, evaluate_checkpoint
+
+    if args.tasks:
+        return run_tasks(args)
+    if not args.eval_domain:
+        raise ValueError("pass --eval-domain NAME=PREFIX (perplexity) or --tasks (downstream tasks).")
     opts = EvalOptions(
         domains=_named(args.eval_domain, "--eval-domain"), tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, num_samples=args.num_samples, seq_length=args.seq_length,
@@ -112,7 +162,7 @@ def run(args) -> dict:
         if len(args.load) != 1 or "=" in args.load[0]:
             raise ValueError("give one --load CKPT (several --load NAME=CKPT only with --btm).")
         return evaluate_checkpoint(args.load[0], opts=opts)
-    from btx_megatron.btx.btm import BTMOptions, evaluate_btm
+    from btx_megatron.eval.btm import BTMOptions, evaluate_btm
 
     branches = {}
     for item in args.load:
@@ -128,10 +178,20 @@ def run(args) -> dict:
     return evaluate_btm(branches, _named(args.btm_train_data, "--btm-train-data"), opts=opts, btm=btm)
 
 
+def _print_tasks(summary: dict, output: str) -> None:
+    for name, entry in summary["tasks"].items():
+        print(f"{name} ({entry['domain']}, {entry['num_fewshot']}-shot): {entry['metric']} {entry['value']:.4f}")
+    for domain, value in summary["domains"].items():
+        print(f"domain {domain}: {value:.4f}")
+    for name, reason in summary["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    print(f"wrote {output} (lm-eval results under 'lm_eval', the per-domain summary under 'summary')")
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
-    from btx_megatron import checkpoint_format as fmt
+    from btx_megatron import checkpoint as fmt
     from btx_megatron.runtime.distributed import run_entrypoint
 
     out: dict = {}
@@ -141,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         fmt.write_json_atomic(args.output, result)
+        if "summary" in result:  # --tasks
+            _print_tasks(result["summary"], args.output)
+            return 0
         for name, r in result["domains"].items():
             print(f"{name}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} ({r['tokens']:,} tokens)")
         print(f"average ppl {result['average_ppl']:.2f}; wrote {args.output}")

@@ -9,7 +9,7 @@
 Expert i of every layer is branch i's FFN (in the order given); every other weight is the
 average of the branches; the router is new. Variants: --split-experts C, --blend-experts,
 --upcycle-from DIR --num-experts N. The output is a checkpoint ROOT (iter_0000000) with no
-optimizer state that the mix phase loads at any TP/PP/EP layout. See btx_megatron/btx/merge_io.py.
+optimizer state that the mix phase loads at any TP/PP/EP layout. See btx_megatron/merge/.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import argparse
 import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _name_value(flag: str):
@@ -94,11 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", required=True, metavar="DIR", help="new checkpoint ROOT")
     o.add_argument("--overwrite", action="store_true", help="replace --output (only once the new one is complete)")
     o.add_argument("--quiet", action="store_true", help="no progress lines")
+    o.add_argument("--io-threads", type=int, default=2, help="threads per process reading sources ahead of the merge")
     return p
 
 
 def options_from_args(args):
-    from btx_megatron.btx.merge_io import MergeOptions
+    from btx_megatron.merge import MergeOptions
 
     if args.split_experts and args.blend_experts:
         raise ValueError("choose one of --split-experts and --blend-experts.")
@@ -124,7 +123,7 @@ def options_from_args(args):
         progress=not args.quiet, dtype=args.dtype, centroids=centroids,
         centroid_data=_group(args.centroid_data) or None, centroid_samples=args.centroid_samples,
         centroid_seq_length=args.centroid_seq_length, tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
+        tokenizer_model=args.tokenizer_model, io_threads=args.io_threads,
     )
     if names is not None:
         want = [n for n, _ in opts.branches] + (["seed"] if opts.seed_expert else [])
@@ -138,8 +137,9 @@ def options_from_args(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Only centroid routers import Megatron-Core, which warns about missing GPU-only extensions.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|deprecated|DEPRECATED).*")
-    from btx_megatron.btx.merge_io import run_merge
+    from btx_megatron.merge import run_merge
 
     try:
         opts = options_from_args(args)

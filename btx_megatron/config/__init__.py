@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses (``schema``) and the Megatron-style command line (``args``)."""
 
-from .args import build_parser, config_to_argv, parse_config
+from .args import build_parser, config_to_argv, parse_config, parse_options
 from .schema import (
     CheckpointConfig,
     Config,
@@ -14,5 +14,5 @@ from .schema import (
 
 __all__ = [
     "CheckpointConfig", "Config", "DataConfig", "LoggingConfig", "ModelConfig", "ParallelConfig",
-    "PrecisionConfig", "TrainConfig", "build_parser", "config_to_argv", "parse_config",
+    "PrecisionConfig", "TrainConfig", "build_parser", "config_to_argv", "parse_config", "parse_options",
 ]

@@ -8,6 +8,7 @@ when a config field does. A YAML file given with ``--config`` holds the same opt
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -19,7 +20,7 @@ import yaml
 from .schema import SECTIONS, Config
 
 
-def _flag_name(f: dataclasses.Field) -> str:
+def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag_name") or "--" + f.name.replace("_", "-")
 
 
@@ -67,7 +68,7 @@ def build_parser(description: str = "btx-megatron pretraining") -> argparse.Argu
                 # Megatron-style store_true flags, plus --no-X for the ones that default on.
                 # `--no-load-optim` style flags are plain switches: BooleanOptionalAction would
                 # read their `--no-` prefix as a negation.
-                kwargs["action"] = "store_true" if _flag_name(f).startswith("--no-") else argparse.BooleanOptionalAction
+                kwargs["action"] = "store_true" if flag_name(f).startswith("--no-") else argparse.BooleanOptionalAction
             elif kind is list:
                 kwargs["nargs"] = f.metadata.get("nargs", "+")
             elif kind is dict:
@@ -79,7 +80,7 @@ def build_parser(description: str = "btx-megatron pretraining") -> argparse.Argu
                 choices = f.metadata.get("choices")
                 if choices is not None:
                     kwargs["choices"] = [c for c in choices if c is not None]
-            group.add_argument(_flag_name(f), **kwargs)
+            group.add_argument(flag_name(f), **kwargs)
     return parser
 
 
@@ -90,7 +91,7 @@ def _yaml_to_sections(data: dict[str, Any], source: str) -> dict[str, dict[str, 
             if "help" not in f.metadata:  # derived fields (DataConfig.vocab_size) are not options
                 continue
             lookup[f.name] = section
-            lookup[_flag_name(f).lstrip("-").replace("-", "_")] = section
+            lookup[flag_name(f).lstrip("-").replace("-", "_")] = section
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -110,11 +111,14 @@ def _yaml_to_sections(data: dict[str, Any], source: str) -> dict[str, dict[str, 
     return out
 
 
-def parse_config(argv: Sequence[str] | None = None, description: str = "btx-megatron pretraining",
-                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parse flags (and an optional ``--config`` YAML) into a validated :class:`Config`.
+def parse_options(argv: Sequence[str] | None = None, description: str = "btx-megatron pretraining",
+                  extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
+                  ) -> tuple[dict[str, dict[str, Any]], argparse.Namespace]:
+    """The options a user gave (``--config`` YAML, then flags over it), by config section.
 
-    ``extra`` may add entrypoint-specific flags; the returned namespace carries them.
+    Absent flags stay out (the parser's default is ``SUPPRESS``), which is how an option the user
+    omitted is told apart from one set to its default value. ``extra`` may add
+    entrypoint-specific flags; the returned namespace carries them.
     """
     parser = build_parser(description)
     if extra is not None:
@@ -125,7 +129,10 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "btx-mega
         path = Path(ns.config)
         if not path.is_file():
             raise ValueError(f"--config {path} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {path}: expected a mapping of options.")
         values = _yaml_to_sections(loaded, str(path))
@@ -133,6 +140,18 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "btx-mega
         if "__" in key:
             section, name = key.split("__", 1)
             values[section][name] = value
+    return values, ns
+
+
+def parse_config(argv: Sequence[str] | None = None, description: str = "btx-megatron pretraining",
+                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse flags (and an optional ``--config`` YAML) into a validated :class:`Config`.
+
+    The namespace carries ``extra``'s flags and ``explicit``: what :func:`parse_options` returns,
+    the options the user set, by section.
+    """
+    values, ns = parse_options(argv, description, extra)
+    ns.explicit = copy.deepcopy(values)
     return Config.from_dict(values), ns
 
 
@@ -148,7 +167,7 @@ def config_to_argv(config: Config) -> list[str]:
             default_value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
             if value == default_value:
                 continue
-            name = _flag_name(f)
+            name = flag_name(f)
             if isinstance(value, bool):
                 argv.append(name if value else "--no-" + name[2:])
             elif isinstance(value, list):

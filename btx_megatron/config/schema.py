@@ -131,34 +131,50 @@ class ModelConfig:
             f"--seq-length {self.seq_length}.",
         )
         if self.num_experts is not None:
-            _require(self.num_experts >= 1, "--num-experts must be at least 1.")
-            if self.moe_router_type in ("topk",):
-                _require(
-                    1 <= self.moe_router_topk <= self.num_experts,
-                    f"--moe-router-topk {self.moe_router_topk} must be between 1 and "
-                    f"--num-experts {self.num_experts}.",
-                )
-            if self.moe_router_type == "soft":
-                _require(
-                    self.moe_expert_capacity_factor is None,
-                    "--moe-router-type soft sends every token to every expert; it cannot "
-                    "drop tokens, so remove --moe-expert-capacity-factor.",
-                )
-            if self.moe_router_type == "sample-top1":
-                _require(
-                    self.moe_expert_capacity_factor is None,
-                    "--moe-router-type sample-top1 does not support "
-                    "--moe-expert-capacity-factor; use --moe-router-type switch for "
-                    "capacity-limited top-1 routing.",
-                )
-            if self.moe_router_type == "switch" and self.moe_expert_capacity_factor is None:
-                # The paper's Switch baseline uses capacity factor 1.5.
-                self.moe_expert_capacity_factor = 1.5
+            self._check_moe()
         else:
             _require(
                 self.moe_expert_capacity_factor is None and not self.moe_grouped_gemm,
                 "MoE options (--moe-expert-capacity-factor, --moe-grouped-gemm) need --num-experts.",
             )
+
+    def _check_moe(self) -> None:
+        """Every router/MoE option check, in one place (the routers assume they passed)."""
+        router = self.moe_router_type
+        _require(self.num_experts >= 1, "--num-experts must be at least 1.")
+        _require(
+            self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size > 0,
+            f"--moe-ffn-hidden-size must be positive, got {self.moe_ffn_hidden_size}.",
+        )
+        if router == "topk":
+            _require(
+                1 <= self.moe_router_topk <= self.num_experts,
+                f"--moe-router-topk {self.moe_router_topk} must be between 1 and "
+                f"--num-experts {self.num_experts}.",
+            )
+        if router in ("soft", "sample-top1"):
+            _require(
+                self.moe_expert_capacity_factor is None,
+                f"--moe-router-type {router} does not drop tokens; remove --moe-expert-capacity-factor "
+                "(use --moe-router-type switch for capacity-limited top-1 routing).",
+            )
+            _require(
+                self.moe_router_load_balancing_type != "sinkhorn",
+                f"--moe-router-load-balancing-type sinkhorn chooses the experts itself and works with "
+                f"--moe-router-type topk or switch only, not {router}; use aux_loss, seq_aux_loss, "
+                "global_aux_loss or none.",
+            )
+        if router == "switch" and self.moe_expert_capacity_factor is None:
+            # The paper's Switch baseline uses capacity factor 1.5.
+            self.moe_expert_capacity_factor = 1.5
+        _require(
+            self.moe_expert_capacity_factor is None or self.moe_expert_capacity_factor > 0,
+            f"--moe-expert-capacity-factor must be positive, got {self.moe_expert_capacity_factor}.",
+        )
+        _require(
+            self.moe_sample_temperature_rate >= 0,
+            f"--moe-sample-temperature-rate must be >= 0, got {self.moe_sample_temperature_rate}.",
+        )
 
     @property
     def is_moe(self) -> bool:
@@ -282,13 +298,30 @@ class TrainConfig:
     recompute_num_layers: int = flag(1, "Layers per recompute chunk (full).")
     freeze_experts: bool = flag(False, "Train attention, norms, embeddings and routers only.")
     freeze_router: bool = flag(False, "Keep the MoE router weights fixed.")
+    train_experts: list[str] = flag(
+        [], "Train only these experts (names from the merged checkpoint's manifest, or indices) and freeze "
+        "every other weight (FlexOlmo-style expert training); frozen weights have no optimizer state.", nargs="+"
+    )
+    train_router: bool = flag(False, "With --train-experts: also train those experts' rows of every router.")
+    trained_expert_ids: tuple[int, ...] | None = None  # --train-experts resolved to indices (pretrain_mix)
     deterministic: bool = flag(False, "Deterministic algorithms (bit-exact reruns on GPU).")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True, "Stop (without saving) on a non-finite loss or gradient norm; names the iteration."
+    )
+    spiky_loss_factor: float = flag(
+        3.0, "Stop (without saving) when the loss exceeds this multiple of its mean over the last "
+        "--spiky-loss-window iterations (a divergence); 0 disables."
+    )
+    spiky_loss_window: int = flag(50, "Iterations in the running mean of --spiky-loss-factor.")
 
     def __post_init__(self) -> None:
         _require(self.train_iters >= 0, "--train-iters must be >= 0.")
         _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1.")
         _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0.")
         _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
+        _require(self.spiky_loss_factor == 0 or self.spiky_loss_factor > 1,
+                 f"--spiky-loss-factor {self.spiky_loss_factor}: use a factor above 1 (or 0 to disable).")
+        _require(self.spiky_loss_window >= 1, "--spiky-loss-window must be at least 1.")
 
 
 @dataclass
@@ -312,9 +345,7 @@ class DataConfig:
     vocab_size: int | None = None  # filled from the model config for the NullTokenizer
 
     def __post_init__(self) -> None:
-        if not self.mock_data and not self.data_path:
-            # Allowed: evaluation-only tools pass eval domains without a training blend.
-            pass
+        # Neither --mock-data nor --data-path is fine: evaluation-only tools pass eval domains.
         _require(
             not (self.mock_data and self.data_path),
             "Give either --mock-data or --data-path, not both.",
@@ -342,6 +373,10 @@ class CheckpointConfig:
         False, "Save optimizer state so it can be loaded at any TP/PP/EP/DP layout."
     )
     no_save_optim: bool = flag(False, "Save weights only.")
+    async_save: bool = flag(
+        False, "Write checkpoints in a background process (Megatron-Core's async torch_dist save) while "
+        "training goes on; a save becomes the latest only once every rank's files are written."
+    )
     exit_signal_handler: bool = flag(
         True, "On SIGTERM/SIGUSR1 (SLURM pre-emption), save a checkpoint and exit cleanly."
     )
@@ -399,8 +434,12 @@ class Config:
             )
         if self.precision.fp8_format is not None and m.transformer_impl == "local":
             raise ValueError("--fp8-format needs --transformer-impl transformer_engine (or auto).")
-        if self.train.freeze_experts or self.train.freeze_router:
-            _require(m.is_moe, "--freeze-experts/--freeze-router apply to MoE models (--num-experts).")
+        t = self.train
+        if t.freeze_experts or t.freeze_router or t.train_experts:
+            _require(m.is_moe, "--freeze-experts/--freeze-router/--train-experts apply to MoE models (--num-experts).")
+        _require(not (t.train_experts and (t.freeze_experts or t.freeze_router)),
+                 "--train-experts freezes everything but the named experts; drop --freeze-experts/--freeze-router.")
+        _require(not t.train_router or bool(t.train_experts), "--train-router goes with --train-experts NAME ...")
         self.data.vocab_size = m.vocab_size
 
     def validate_layout(self, world_size: int) -> None:

@@ -1,11 +1,12 @@
 """btx-megatron checkpoint (any saved layout) -> Hugging Face ``LlamaForCausalLM`` / ``MixtralForCausalLM``.
 
 Streams: the checkpoint is read slice by slice (one decoder layer, or one expert, at a time,
-through PyTorch DCP's reader, whatever TP/PP/EP layout wrote it) and each converted tensor is
-appended straight to its safetensors shard (at most ``max_shard_size`` bytes; headers are
-planned up front). Peak memory is one read group, independent of the number of layers and of
-the shard size. Everything is written to a temporary sibling directory first and renamed into
-place at the end.
+whatever TP/PP/EP layout wrote it, with :class:`btx_megatron.merge.storage.CheckpointReader`:
+positional reads straight into the slice's buffer; the next group is read on a thread while
+the current one is converted and written) and each converted tensor is appended straight to
+its safetensors shard (at most ``max_shard_size`` bytes; headers are planned up front). Peak
+memory is two read groups, independent of the number of layers and of the shard size.
+Everything is written to a temporary sibling directory first and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from .. import checkpoint_format as fmt
+from .. import checkpoint as fmt
+from ..checkpoint import staging_dir_for
+from ..runtime.progress import Progress
 from . import mapping
 from .hf_config import DTYPES, exported_topk, hf_config_from_model, model_config_from_manifest
-from .io import Progress, copy_tokenizer_files, staging_dir_for
+from .io import copy_tokenizer_files
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
@@ -58,74 +61,35 @@ def _read_groups(s: mapping.Shapes) -> Iterator[list[mapping.Address]]:
 
 
 class CheckpointReader:
-    """Reads (key, layer[, expert]) slices of a torch_dist checkpoint directory.
-
-    Uses PyTorch DCP's reader directly with a planner that asks only for the requested chunks:
-    the stored chunks overlapping a slice are read whatever TP/PP/EP layout wrote them, and no
-    process group is needed. (Megatron's ``dist_checkpointing.load`` of a partial
-    ``ShardedTensor`` needs the other fragments to live on other ranks, so it cannot read one
-    layer in a single process.)
-    """
+    """Reads (key, layer[, expert]) slices of a torch_dist checkpoint directory, whatever
+    TP/PP/EP layout wrote it, in one process and without a process group (the chunks that
+    overlap a slice are read straight into its buffer)."""
 
     def __init__(self, ckpt_dir: Path):
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from ..checkpoint.verify import verify_files
+        from ..merge.storage import CheckpointReader as ChunkReader
 
         self.dir = Path(ckpt_dir)
-        self._reader = FileSystemReader(str(self.dir))
-        self._metadata = self._reader.read_metadata()
-        self._reader.read_metadata = lambda *a, **k: self._metadata  # parse .metadata once
-        self.tensors = {k: v for k, v in self._metadata.state_dict_metadata.items()
-                        if isinstance(v, TensorStorageMetadata)}
+        self._reader = ChunkReader(self.dir, verify_files(self.dir, f"--load {self.dir}"), f"--load {self.dir}")
+        self.tensors = self._reader.tensors
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].size)
+        return tuple(self.tensors[key][0])
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.tensors[key].properties.dtype
+        return self.tensors[key][1]
 
     def read(self, addresses: list[mapping.Address]) -> dict[mapping.Address, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
-        buffers = {}
+        out = {}
         for key, index in addresses:
             shape = self.shape(key)
-            n = len(index)
-            buffers[(key, index)] = torch.empty((1,) * n + shape[n:], dtype=self.dtype(key))
-        dcp.load({}, storage_reader=self._reader, planner=_SlicePlanner(buffers, self.tensors), no_dist=True)
-        return {addr: buf.reshape(buf.shape[len(addr[1]):]) for addr, buf in buffers.items()}
-
-
-class _SlicePlanner(DefaultLoadPlanner):
-    """Plans reads of exactly the requested chunks into the given buffers."""
-
-    def __init__(self, buffers: dict, tensors: dict):
-        super().__init__()
-        self.buffers, self.tensors = buffers, tensors
-        self.by_fqn_offset = {}
-
-    def create_local_plan(self):
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        items = []
-        for (key, index), buf in self.buffers.items():
-            offsets = torch.Size(tuple(index) + (0,) * (buf.dim() - len(index)))
-            chunk = ChunkStorageMetadata(offsets=offsets, sizes=buf.size())
-            self.by_fqn_offset[(key, offsets)] = buf
-            items += create_read_items_for_chunk_list(key, self.tensors[key], [chunk])
-        return LoadPlan(items)
-
-    def resolve_tensor(self, read_item):
-        buf = self.by_fqn_offset[(read_item.dest_index.fqn, read_item.dest_index.offset)]
-        out = buf
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            out = out.narrow(dim, start, length)
+            buf = torch.empty((1,) * len(index) + shape[len(index):], dtype=self.dtype(key))
+            self._reader.read(key, tuple(index) + (0,) * (len(shape) - len(index)), buf)
+            out[(key, index)] = buf.reshape(shape[len(index):])
         return out
 
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass
+    def close(self) -> None:
+        self._reader.close()
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -286,19 +250,23 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
     total_items = sum(len(g) for g in groups)
     total_bytes = sum(int(torch.Size(reader.shape(k)[len(i):]).numel()) * out_dtype.itemsize
                       for g in groups for k, i in g)
-    bar = Progress("export", total_items, total_bytes, enabled=progress)
+    bar = Progress("export", total_bytes, total_items=total_items, enabled=progress)
     staging = staging_dir_for(output)
     try:
         writer = _StreamingShardWriter(staging, _plan(shapes, reader, groups), out_dtype, max_shard_size)
-        for group in groups:
-            slices = reader.read(group)
-            for address in group:
-                nbytes = 0
-                for name, tensor in mapping.hf_from_megatron(shapes, address, slices.pop(address)):
-                    tensor = tensor.to(out_dtype)
-                    writer.add(name, tensor)
-                    nbytes += tensor.numel() * tensor.element_size()
-                bar.update(1, nbytes)
+        with ThreadPoolExecutor(1, thread_name_prefix="export-read") as ahead:
+            upcoming = ahead.submit(reader.read, groups[0])
+            for i, group in enumerate(groups):
+                slices = upcoming.result()
+                if i + 1 < len(groups):  # read the next group while this one is converted and written
+                    upcoming = ahead.submit(reader.read, groups[i + 1])
+                for address in group:
+                    nbytes = 0
+                    for name, tensor in mapping.hf_from_megatron(shapes, address, slices.pop(address)):
+                        tensor = tensor.to(out_dtype)
+                        writer.add(name, tensor)
+                        nbytes += tensor.numel() * tensor.element_size()
+                    bar.update(nbytes, items=1)
         shard_names = writer.finish()
 
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -323,6 +291,8 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        reader.close()
     if progress:
         print(f"[export] {hf_cfg['architectures'][0]} -> {output}: {len(shard_names)} shard(s), "
               f"{bar.bytes / 1e6:.1f} MB in {bar.seconds:.1f} s", flush=True)

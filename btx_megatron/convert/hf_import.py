@@ -1,24 +1,27 @@
 """Hugging Face Llama / Mistral / Mixtral directory -> btx-megatron checkpoint ROOT.
 
 The output is an ordinary checkpoint ROOT (``iter_0000000`` + tracker, see
-:mod:`btx_megatron.checkpoint_format`) that ``btx_megatron.pretrain --load ROOT --finetune``
+:mod:`btx_megatron.checkpoint`) that ``btx_megatron.pretrain --load ROOT --finetune``
 loads at any TP/PP/EP layout, plus::
 
     ROOT/model_args.txt   the model flags on one line (``$(cat ROOT/model_args.txt)``)
     ROOT/model.yaml       the same options for ``--config``
     ROOT/tokenizer/       tokenizer files copied from the Hugging Face directory
 
-The model is built once at TP=PP=EP=1 (weights not initialised), every parameter is filled
-from the Hugging Face tensors through :mod:`.mapping`, and ``GPTModel.sharded_state_dict()`` is
-saved with ``dist_checkpointing``: the keys are exactly the ones the trainer saves and loads.
-Peak memory is one copy of the model in the checkpoint dtype plus one Hugging Face tensor.
+Streams: each Megatron slice (one layer of one key, or one expert) is computed from its
+Hugging Face tensors through :mod:`.mapping` and written at once as one chunk of a
+``torch_dist`` checkpoint (:mod:`btx_megatron.merge.storage`; a writer thread overlaps the
+writes with the next slices' reads). The keys and global shapes are the ones Megatron-Core's
+``GPTModel`` saves (:func:`.mapping.megatron_global_shapes`), so the trainer loads the result at
+any TP/PP/EP layout. No model is built and Megatron-Core is not imported; peak memory is a few
+slices (bounded by the writer's queue), independent of the model size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,12 @@ import torch
 import yaml
 
 from .. import __version__
-from .. import checkpoint_format as fmt
+from .. import checkpoint as fmt
+from ..checkpoint import staging_dir_for
+from ..runtime.progress import Progress
 from . import mapping
-from .hf_config import hf_dtype, model_config_from_hf, model_flags
-from .io import HFWeights, Progress, copy_tokenizer_files, single_process_group, staging_dir_for
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+from .hf_config import PRECISION_OF_DTYPE, hf_dtype, model_config_from_hf, model_flags
+from .io import HFWeights, copy_tokenizer_files
 
 
 def _check_hf_weights(weights: HFWeights, s: mapping.Shapes, hf_dir: Path) -> None:
@@ -61,32 +63,23 @@ def _check_hf_weights(weights: HFWeights, s: mapping.Shapes, hf_dir: Path) -> No
             )
 
 
-def _address(local_name: str, item) -> mapping.Address:
-    """(global key, layer/expert index) of one entry of a TP=PP=EP=1 sharded state dict."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    n = mapping.prepended_axes(item.key)
-    if isinstance(item, ShardedTensor):
-        assert item.prepend_axis_num == n, (item.key, item.prepend_axis_num)
-        return item.key, tuple(item.global_offset[:n])
-    # ShardedTensorFactory (SwiGLU fc1): at TP=EP=1 local layer/expert numbers are global.
-    index = [int(_LAYER.search(local_name).group(1))] if n >= 1 else []
-    if n == 2:
-        index.append(int(_EXPERT.search(local_name).group(1)))
-    return item.key, tuple(index)
+def _addresses(s: mapping.Shapes) -> list[mapping.Address]:
+    """Every Megatron slice, in write order: global tensors, then layer by layer."""
+    addrs = list(mapping.megatron_global_addresses(s))
+    for layer in range(s.num_layers):
+        addrs += mapping.megatron_layer_addresses(s, layer)
+    return addrs
 
 
 def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisible_by: int = 128,
               seq_length: int | None = None, dtype: torch.dtype | None = None,
               overwrite: bool = False, progress: bool = True) -> Path:
     """Convert ``hf_dir`` into a checkpoint ROOT at ``output``; returns ``output``."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject
-
-    from ..config import Config, PrecisionConfig
-    from ..models import build_model_chunks, transformer_config
+    from ..runtime.distributed import read_launch_env
 
     hf_dir, output = Path(hf_dir), Path(output)
+    if read_launch_env().world_size > 1:
+        raise ValueError("tools/convert_hf.py runs as one process; launch it with python, not torchrun/srun.")
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"--hf-dir {hf_dir} has no config.json; point it at a Hugging Face model directory.")
@@ -101,41 +94,14 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
     weights = HFWeights(hf_dir)
     _check_hf_weights(weights, shapes, hf_dir)
 
-    single_process_group()
-    precision = PrecisionConfig(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
-    build_cfg = Config(model=dataclasses.replace(model_cfg, transformer_impl="local"), precision=precision)
-    tconfig = transformer_config(build_cfg)
-    tconfig.perform_initialization = False  # every weight is overwritten below
-    model = build_model_chunks(build_cfg, tconfig)[0]
-    sharded = model.sharded_state_dict()
-
-    targets = {name: item for name, item in sharded.items() if not isinstance(item, ShardedObject)}
-    total = sum(item.data.numel() * item.data.element_size() for item in targets.values())
-    bar = Progress("import", len(targets), total, enabled=progress)
-    filled: set[mapping.Address] = set()
-    expected_shapes = mapping.megatron_global_shapes(shapes)
-    with torch.no_grad():
-        for name, item in targets.items():
-            address = _address(name, item)
-            assert address[0] in expected_shapes, f"model key {address[0]} has no mapping"
-            value = mapping.megatron_from_hf(shapes, address, weights.get)
-            assert tuple(value.shape) == tuple(item.data.shape), (address, value.shape, item.data.shape)
-            item.data.copy_(value)
-            filled.add(address)
-            bar.update(1, item.data.numel() * item.data.element_size())
-    wanted = set(mapping.megatron_global_addresses(shapes))
-    for layer in range(shapes.num_layers):
-        wanted.update(mapping.megatron_layer_addresses(shapes, layer))
-    assert filled == wanted, f"unfilled: {sorted(wanted - filled)[:5]} extra: {sorted(filled - wanted)[:5]}"
-
     staging = staging_dir_for(output)
     try:
         ckpt_dir = fmt.iteration_dir(staging, 0)
         ckpt_dir.mkdir()
-        dist_checkpointing.save({"model": sharded, "iteration": 0, "consumed_samples": 0}, str(ckpt_dir))
+        bar = _write_weights(ckpt_dir, weights, shapes, dtype, progress)
         tokenizer_files = copy_tokenizer_files(hf_dir, staging / "tokenizer", extra=("generation_config.json",))
         special = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-        fmt.write_json_atomic(ckpt_dir / fmt.MANIFEST, _manifest(model_cfg, precision, {
+        _manifest(model_cfg, PRECISION_OF_DTYPE.get(dtype, "fp32"), {
             "converted_from": str(hf_dir.resolve()),
             "hf_architecture": arch,
             "hf_special_tokens": special,
@@ -143,7 +109,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
             "vocab_padding": f"rows {model_cfg.vocab_size}..{model_cfg.padded_vocab_size - 1} of the "
                              "embedding/output are zeros added by the import",
             "notes": notes,
-        }))
+        }).write(ckpt_dir)
         flags = model_flags(model_cfg)
         (staging / "model_args.txt").write_text(" ".join(flags) + "\n")
         (staging / "model.yaml").write_text(yaml.safe_dump(_flags_to_yaml(flags), sort_keys=False))
@@ -155,6 +121,32 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
     if progress:
         print(f"[import] {arch} -> {output} ({bar.bytes / 1e6:.1f} MB in {bar.seconds:.1f} s)", flush=True)
     return output
+
+
+def _write_weights(ckpt_dir: Path, weights: HFWeights, s: mapping.Shapes, dtype: torch.dtype,
+                   progress: bool) -> Progress:
+    """Every Megatron slice as one chunk of ``ckpt_dir`` (plus the common state and metadata)."""
+    from ..merge.storage import COMMON_STATE_KEY, DistcpWriter, common_state_bytes, write_metadata
+
+    global_shapes = mapping.megatron_global_shapes(s)
+    addresses = _addresses(s)
+    total = sum(math.prod(global_shapes[key][len(index):]) for key, index in addresses) * dtype.itemsize
+    bar = Progress("import", total, total_items=len(addresses), enabled=progress)
+    writer = DistcpWriter(ckpt_dir, 0)
+    try:
+        writer.add_bytes(COMMON_STATE_KEY, common_state_bytes({"iteration": 0, "consumed_samples": 0}))
+        for key, index in addresses:
+            value = mapping.megatron_from_hf(s, (key, index), lambda name: weights.get(name).to(dtype))
+            chunk = value.reshape((1,) * len(index) + tuple(value.shape))
+            assert tuple(chunk.shape[len(index):]) == tuple(global_shapes[key][len(index):]), (key, chunk.shape)
+            writer.add_tensor(key, tuple(index) + (0,) * value.dim(), chunk, global_shapes[key])
+            bar.update(value.numel() * value.element_size(), items=1)
+        chunks = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    write_metadata(ckpt_dir, chunks)
+    return bar
 
 
 def _scalar(text: str) -> Any:
@@ -180,35 +172,6 @@ def _flags_to_yaml(flags: list[str]) -> dict[str, Any]:
     return out
 
 
-def _manifest(model_cfg, precision, btx: dict[str, Any]) -> dict[str, Any]:
-    # Same fields as the trainer's manifest (training/checkpointing.save_checkpoint).
-    return {
-        "format_version": fmt.FORMAT_VERSION,
-        "iteration": 0,
-        "consumed_samples": 0,
-        "kind": "moe" if model_cfg.is_moe else "dense",
-        "model": dataclasses.asdict(model_cfg),
-        "layout": {
-            "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-            "virtual_pipeline_size": None, "expert_model_parallel_size": 1,
-            "expert_tensor_parallel_size": 1, "data_parallel_size": 1, "world_size": 1,
-            "use_distributed_optimizer": False,
-        },
-        "optimizer": {"saved": False, "distributed": False, "sharding_type": None},
-        "precision": precision.params_dtype_name,
-        "tool": f"btx_megatron {__version__} tools/convert_hf.py import",
-        "git_revision": _git_revision(),
-        "btx": btx,
-    }
-
-
-def _git_revision() -> str:
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+def _manifest(model_cfg, precision: str, btx: dict[str, Any]) -> fmt.Manifest:
+    return fmt.Manifest(model=dataclasses.asdict(model_cfg), tool=f"btx_megatron {__version__} tools/convert_hf.py import",
+                        precision=precision, extra={"btx": btx})

@@ -1,12 +1,10 @@
-"""Reading Hugging Face weight files, progress reporting and the single-process set-up."""
+"""Reading Hugging Face weight files and copying tokenizer files."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -93,55 +91,6 @@ class HFWeights:
         if name not in self._load_bin(filename):
             raise ValueError(f"--hf-dir {self.dir}: the index maps {name} to {filename}, which lacks it.")
         return self._bin[name]
-
-
-class Progress:
-    """``[tag] 12/40 tensors  120.5/500.0 MB  85.3 MB/s`` on stderr (one line, refreshed)."""
-
-    def __init__(self, tag: str, total_items: int, total_bytes: int, enabled: bool = True):
-        self.tag, self.total_items, self.total_bytes = tag, total_items, total_bytes
-        self.items = self.bytes = 0
-        self.start = self._last = time.perf_counter()
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-
-    def update(self, items: int, nbytes: int) -> None:
-        self.items += items
-        self.bytes += nbytes
-        now = time.perf_counter()
-        if self.enabled and (self.tty or now - self._last > 5 or self.items == self.total_items):
-            self._last = now
-            end = "\r" if self.tty and self.items < self.total_items else "\n"
-            print(f"[{self.tag}] {self.line()}", end=end, file=sys.stderr, flush=True)
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return (f"{self.items}/{self.total_items} tensors  {self.bytes / 1e6:.1f}/"
-                f"{self.total_bytes / 1e6:.1f} MB  {self.bytes / 1e6 / elapsed:.1f} MB/s")
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def single_process_group() -> None:
-    """Megatron-Core at TP=PP=EP=1 on one process (dist_checkpointing needs a process group)."""
-    from ..config import ParallelConfig
-    from ..runtime.distributed import initialize_distributed
-
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
-        raise ValueError("tools/convert_hf.py runs as one process; launch it with python, not torchrun/srun.")
-    initialize_distributed(ParallelConfig(), seed=0)
-
-
-def staging_dir_for(output: Path) -> Path:
-    """A temporary sibling of ``output`` (same file system, so the final move is a rename)."""
-    import uuid
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    path = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    path.mkdir()
-    return path
 
 
 def copy_tokenizer_files(src: Path | None, dst: Path, extra: tuple[str, ...] = ()) -> list[str]:

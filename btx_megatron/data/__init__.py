@@ -6,7 +6,7 @@ The trainer calls ``build_tokenizer``, ``check_vocab_fits``, ``build_pretraining
 happen inside the functions, so importing this package is cheap.
 """
 
-from btx_megatron.data.blend import Blend, parse_blend
+from btx_megatron.config.blend import Blend, parse_blend
 from btx_megatron.data.corpora import DOMAINS, CorporaConfig, build_corpora
 from btx_megatron.data.datasets import (
     build_domain_eval_datasets,

@@ -331,7 +331,7 @@ def _log(message: str) -> None:
     print(f"[build_corpora] {message}", file=sys.stderr, flush=True)
 
 
-def _manifest_is_current(manifest_path: str, cfg: CorporaConfig) -> bool:
+def corpora_up_to_date(manifest_path: str, cfg: CorporaConfig) -> bool:
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -463,7 +463,7 @@ def build_corpora(cfg: CorporaConfig) -> dict:
     start = time.perf_counter()
     os.makedirs(cfg.output, exist_ok=True)
     manifest_path = os.path.join(cfg.output, "manifest.json")
-    if _manifest_is_current(manifest_path, cfg):
+    if corpora_up_to_date(manifest_path, cfg):
         _log(f"up to date: {manifest_path}")
         with open(manifest_path) as f:
             return json.load(f)

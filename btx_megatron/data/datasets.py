@@ -15,7 +15,7 @@ import os
 import warnings
 from typing import Callable
 
-from btx_megatron.data.blend import Blend, parse_blend
+from btx_megatron.config.blend import Blend, parse_blend
 from btx_megatron.data.tokenizers import fingerprint_of
 
 META_SUFFIX = ".meta.json"

@@ -30,7 +30,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
 
-ROUTER_TYPES = ("topk", "switch", "sample-top1", "soft")
+from ..config.schema import ROUTER_TYPES
 
 # Balancing options that choose the experts themselves; they only make sense for the routers
 # that use Megatron's own selection.
@@ -127,18 +127,10 @@ class SwitchRouter(BTXTopKRouter):
     layer on the residual only; :attr:`last_num_dropped` / :attr:`total_num_dropped` count them."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
-        if config.moe_router_topk != 1 or not config.moe_router_pre_softmax:
-            raise ValueError(
-                "--moe-router-type switch needs top-1 routing with the gate taken from the full "
-                f"softmax (got moe_router_topk={config.moe_router_topk}, "
-                f"moe_router_pre_softmax={config.moe_router_pre_softmax}); build the "
-                "TransformerConfig with btx_megatron.models.transformer_config."
-            )
-        if config.moe_expert_capacity_factor is None:
-            raise ValueError(
-                "--moe-router-type switch drops tokens beyond expert capacity; set "
-                "--moe-expert-capacity-factor (the paper uses 1.5)."
-            )
+        # Options are checked in ModelConfig; models.transformer_config maps them to these.
+        assert config.moe_router_topk == 1 and config.moe_router_pre_softmax, \
+            "switch: build the TransformerConfig with btx_megatron.models.transformer_config"
+        assert config.moe_expert_capacity_factor is not None, "switch needs a capacity factor"
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
 
 
@@ -153,25 +145,13 @@ class _DenseSelectionRouter(BTXTopKRouter):
     router_type = "?"
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
+        # Options are checked in ModelConfig (one place); these hold for any config built by
+        # models.transformer_config.
         balancing = config.moe_router_load_balancing_type
         balancing = balancing if isinstance(balancing, list) else [balancing]
-        bad = [b for b in balancing if b in _SELECTION_BALANCING]
-        if bad:
-            raise ValueError(
-                f"--moe-router-load-balancing-type {bad[0]} chooses the experts itself and works "
-                f"with --moe-router-type topk or switch only, not {self.router_type}; use aux_loss, "
-                "seq_aux_loss, global_aux_loss or none."
-            )
-        if config.moe_expert_capacity_factor is not None:
-            raise ValueError(
-                f"--moe-router-type {self.router_type} does not drop tokens; remove "
-                "--moe-expert-capacity-factor (use --moe-router-type switch for capacity)."
-            )
-        if config.moe_router_score_function != "softmax":
-            raise ValueError(
-                f"--moe-router-type {self.router_type} weights experts with a softmax; "
-                f"moe_router_score_function={config.moe_router_score_function!r} is not supported."
-            )
+        assert not set(balancing) & set(_SELECTION_BALANCING), f"{self.router_type}: {balancing}"
+        assert config.moe_expert_capacity_factor is None, f"{self.router_type} does not drop tokens"
+        assert config.moe_router_score_function == "softmax", f"{self.router_type} needs softmax scores"
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
 
     def select(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,13 +238,8 @@ class SampleTop1Router(_DenseSelectionRouter):
     router_type = "sample-top1"
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, temperature_rate: float = 1e-4):
-        if config.moe_router_topk not in (1, config.num_moe_experts):
-            raise ValueError(
-                f"--moe-router-type sample-top1 routes each token to one expert (all experts in "
-                f"the first MoE layer); got moe_router_topk={config.moe_router_topk}."
-            )
-        if temperature_rate < 0:
-            raise ValueError(f"--moe-sample-temperature-rate must be >= 0, got {temperature_rate}.")
+        assert config.moe_router_topk in (1, config.num_moe_experts), config.moe_router_topk
+        assert temperature_rate >= 0, temperature_rate
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.temperature_rate = float(temperature_rate)
         self.step = 0

@@ -2,8 +2,9 @@
 
 Megatron-Core assumes CUDA in a few places that have nothing to do with the maths: it asks for
 the current CUDA device and streams, saves CUDA RNG states in the tensor-parallel RNG tracker,
-creates tensors with ``device="cuda"`` in the pipeline p2p code, and checks parameter types by
-their CUDA type names in the optimizer. gloo implements every collective the parallel layouts
+creates tensors with ``device="cuda"`` in the pipeline p2p code, checks parameter types by
+their CUDA type names in the optimizer, and expects the alltoall MoE dispatcher's split sizes to
+have been copied from the device to the host. gloo implements every collective the parallel layouts
 use, so answering those assumptions is enough to run TP, PP (incl. interleaved), EP, DP and the
 distributed optimizer on CPU processes.
 
@@ -136,11 +137,58 @@ def _patch_torch_cuda() -> None:
                                       range=lambda *a, **k: contextlib.nullcontext())
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` for tensors that already live on the host.
+
+    Upstream assumption answered: the alltoall token dispatcher computes its all-to-all split
+    sizes on the GPU and copies them device-to-host with ``as_numpy=True``; the upstream helper
+    converts only CUDA tensors, so on CPU the splits stay tensors, and gloo's
+    ``all_to_all_single`` refuses tensors as split sizes (it takes int sequences, which a numpy
+    array is). Converting host tensors the same way gives the dispatcher the types it gets on a
+    GPU. The token counts themselves are untouched.
+    """
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_gather_along_first_dim(original):
+    """``mappings._gather_along_first_dim`` that also gathers shards of different lengths.
+
+    Upstream assumption answered: with sequence parallelism the alltoall dispatcher gathers a
+    different number of tokens from each tensor-parallel rank (``output_split_sizes``) through
+    ``torch.distributed.all_gather`` on a list of differently sized tensors, which NCCL accepts
+    and gloo refuses ("invalid tensor size"). Here each shard is padded to the longest, gathered
+    with the equal-size collective, and the padding is cut away: the same result, bit for bit.
+    Equal splits and no splits go to the upstream function unchanged.
+    """
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        sizes = None if output_split_sizes is None else [int(n) for n in output_split_sizes]
+        if sizes is None or len(set(sizes)) == 1 or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((longest * len(sizes), *input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+        return torch.cat([gathered[i * longest : i * longest + n] for i, n in enumerate(sizes)])
+
+    return gather
+
+
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     tp_random._get_cuda_rng_state = _cpu_rng_get
     tp_random._set_cuda_rng_state = _cpu_rng_set
+    # The dispatcher imported the helper by name: replace it where it is looked up.
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    from megatron.core.tensor_parallel import mappings
+
+    # The sequence-parallel autograd functions look the helper up in their module at call time.
+    mappings._gather_along_first_dim = _uneven_gather_along_first_dim(mappings._gather_along_first_dim)
 
 
 def enable() -> bool:

@@ -1,13 +1,21 @@
-"""Distributed start-up: rank/world/master from torchrun or srun, process groups, seeds."""
+"""Distributed start-up: rank/world/master from torchrun or srun, process groups, seeds.
+
+Every tool imports this module, including ones that never build a model; ``megatron.core`` is
+therefore imported only inside the functions that set up its model-parallel state."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
+import random
 import re
 import socket
+import sys
+import warnings
 
+import numpy as np
 import torch
 
 from . import cpu_compat
@@ -62,13 +70,27 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
             launcher="srun",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """A free TCP port on this host for a rendezvous, not in ``taken``.
+
+    Drawn from 20000-32000, below the kernel's ephemeral range (32768+ on Linux) where ports
+    handed out to outgoing connections and ``bind(0)`` calls of other programs would soon
+    collide with ours: a trainer binds its port only after its imports, seconds later."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free TCP port in 20000-32000 for a rendezvous")
 
 
 def device() -> torch.device:
@@ -87,22 +109,9 @@ def initialize_distributed(
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    cpu_compat.enable()
     launch = launch or read_launch_env()
-    backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-    if not torch.distributed.is_initialized():
-        # The launch environment is authoritative; an inherited MASTER_PORT (e.g. from a parent
-        # process that ran its own single-process group) must not override the port chosen here.
-        os.environ["MASTER_ADDR"] = launch.master_addr
-        os.environ["MASTER_PORT"] = str(launch.master_port)
-        torch.distributed.init_process_group(
-            backend=backend,
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
-        )
+    init_process_group(launch, backend=parallel.distributed_backend,
+                       timeout_minutes=parallel.distributed_timeout_minutes)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -118,13 +127,46 @@ def initialize_distributed(
     return launch
 
 
+def init_process_group(launch: LaunchEnv | None = None, *, backend: str | None = None,
+                       timeout_minutes: int = 10) -> bool:
+    """Start ``torch.distributed`` from the launch environment (nccl with CUDA, gloo without).
+    Returns False when a process group already exists (nothing is started)."""
+    cpu_compat.enable()
+    if torch.distributed.is_initialized():
+        return False
+    launch = launch or read_launch_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    # The launch environment is authoritative; an inherited MASTER_PORT (e.g. from a parent
+    # process that ran its own single-process group) must not override the port chosen here.
+    os.environ["MASTER_ADDR"] = launch.master_addr
+    os.environ["MASTER_PORT"] = str(launch.master_port)
+    torch.distributed.init_process_group(
+        backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return True
+
+
+@contextlib.contextmanager
+def tool_process_group(backend: str | None = "gloo"):
+    """The process group of an offline tool (merge, conversion): every process of a
+    torchrun/srun launch, or a world of one when run plainly. Checkpoint IO needs a group even
+    for one process; tensors stay on the CPU, hence gloo. A group this call started is
+    destroyed on exit; an existing one (the caller's) is used as it is."""
+    started = init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        if started:
+            destroy()
+
+
 def set_seed(seed: int) -> None:
     """Same seed on every rank: weights are identical across DP, data order comes from the
     sampler. Pipeline stages draw different initial weights anyway (different layers)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -139,18 +181,23 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_entrypoint(body) -> int:
-    """Run an entrypoint body: user mistakes (ValueError) print one line and exit 2; the
-    process groups are always torn down."""
-    import sys
-    import warnings
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (divergence, a failed save): the message says why and what to
+    do next. Entrypoints print it as one line and exit 1."""
 
+
+def run_entrypoint(body) -> int:
+    """Run an entrypoint body: user mistakes (ValueError) print one line and exit 2, a
+    :class:`RunStopped` one line and exit 1; the process groups are always torn down."""
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
         body()
-    except ValueError as exc:  # includes checkpoint_format.CheckpointError
+    except ValueError as exc:  # includes checkpoint.CheckpointError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 1
     finally:
         destroy()
     return 0

@@ -3,7 +3,7 @@
 A checkpoint holds the model, optimizer, LR scheduler, per-rank RNG states, iteration and
 consumed samples. Model weights reshard on load to any TP/PP/EP/DP layout; optimizer state does
 too when saved with ``--dist-ckpt-optim-fully-reshardable`` (or with the non-distributed
-optimizer, whose state follows the model's sharding). See :mod:`btx_megatron.checkpoint_format`
+optimizer, whose state follows the model's sharding). See :mod:`btx_megatron.checkpoint`
 for the directory layout and the atomic publish.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from .. import __version__
-from .. import checkpoint_format as fmt
+from .. import checkpoint as fmt
 from ..models import virtual_pipeline_size
+from ..runtime.distributed import device
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,6 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
-
-
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        rev = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def layout(cfg) -> dict[str, Any]:
@@ -93,8 +81,15 @@ def _rng_state_object() -> ShardedObject:
 
 def save_checkpoint(cfg, iteration: int, model_chunks, optimizer=None, scheduler=None,
                     consumed_samples: int = 0, extra_manifest: dict | None = None,
-                    save_dir: str | None = None) -> Path:
-    """Write ``iter_{iteration}`` under ``save_dir`` (default ``--save``), atomically."""
+                    save_dir: str | None = None, async_queue=None) -> Path:
+    """Write ``iter_{iteration}`` under ``save_dir`` (default ``--save``), atomically.
+
+    With ``async_queue`` (a Megatron-Core ``AsyncCallsQueue``, ``--async-save``) only the state
+    dict and the write plan are made here; a forked process writes the files while training
+    goes on, and the manifest, the rename into place and the tracker happen in the request's
+    finalize step, which the queue runs on every rank once every rank's writer has finished
+    (:class:`~btx_megatron.training.checkpointer.Checkpointer` drives it). Either way a save
+    becomes the latest only when it is complete."""
     root = Path(save_dir or cfg.checkpoint.save)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -106,6 +101,7 @@ def save_checkpoint(cfg, iteration: int, model_chunks, optimizer=None, scheduler
     if rank == 0:
         staging.mkdir(parents=True)
     torch.distributed.barrier()
+    fmt.fault_point("save-start", iteration)
 
     metadata = _sharding_metadata(cfg)
     state = _model_sharded_state_dict(model_chunks, metadata=metadata)
@@ -116,31 +112,85 @@ def save_checkpoint(cfg, iteration: int, model_chunks, optimizer=None, scheduler
     state["rng_state"] = _rng_state_object()
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
-    dist_checkpointing.save(state, str(staging), content_metadata=metadata or None)
-    torch.distributed.barrier()
-    if rank == 0:
-        manifest = {
-            "format_version": fmt.FORMAT_VERSION,
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "kind": "moe" if cfg.model.is_moe else "dense",
-            "model": dataclasses.asdict(cfg.model),
-            "layout": layout(cfg),
-            "optimizer": {
-                "saved": save_optim,
-                "distributed": cfg.parallel.use_distributed_optimizer,
-                "sharding_type": metadata.get("distrib_optim_sharding_type"),
-            },
-            "precision": cfg.precision.params_dtype_name,
-            "tool": f"btx_megatron {__version__}",
-            "git_revision": git_revision(),
-        }
-        if extra_manifest:
-            manifest.update(extra_manifest)
-        fmt.write_json_atomic(staging / fmt.MANIFEST, manifest)
-        final = fmt.publish(staging, root, iteration)
-    torch.distributed.barrier()
+    manifest = fmt.Manifest(
+        model=dataclasses.asdict(cfg.model), tool=f"btx_megatron {__version__}", iteration=iteration,
+        consumed_samples=consumed_samples, layout=layout(cfg),
+        optimizer={"saved": save_optim, "distributed": cfg.parallel.use_distributed_optimizer,
+                   "sharding_type": metadata.get("distrib_optim_sharding_type")},
+        precision=cfg.precision.params_dtype_name, extra=dict(extra_manifest or {}),
+    )
+
+    def publish() -> None:  # every rank, after every rank's files are written
+        torch.distributed.barrier()
+        fmt.fault_point("save-written", iteration)
+        error = None
+        if rank == 0:
+            try:
+                manifest.write(staging)
+                fmt.publish(staging, root, iteration)
+            except OSError as exc:
+                error = exc
+        # Every rank learns whether rank 0 published (no rank may wait in a barrier for a rank
+        # that failed), and fails with it.
+        failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device())
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise OSError(f"rank 0 could not publish {staging}")
+
+    _results_queue_dies_with_trainer()
+    if async_queue is None:
+        dist_checkpointing.save(state, str(staging), content_metadata=metadata or None)
+        publish()
+    else:
+        # "mcore": Megatron-Core's own async writer (the default, "nvrx", needs
+        # nvidia-resiliency-ext). It forks a writer per save, so on CPU the child writes a
+        # copy-on-write snapshot of the tensors as they are now, while training goes on.
+        request = dist_checkpointing.save(state, str(staging), content_metadata=metadata or None,
+                                          async_sharded_save=True, async_strategy="mcore")
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(_writer_dies_with_trainer(request, iteration))
     return fmt.iteration_dir(root, iteration)
+
+
+def _writer_dies_with_trainer(request, iteration: int):
+    """The forked writer of an async save gets PDEATHSIG=SIGKILL: a killed trainer never leaves
+    a writer behind that could still be writing while the next start cleans the staging debris."""
+    if request.async_fn is None:
+        return request
+    write = request.async_fn
+
+    def write_in_child(*args, **kwargs):
+        import signal
+
+        from ..runtime.processes import exit_with_parent
+
+        exit_with_parent(signal.SIGKILL)
+        fmt.fault_point("async-write", iteration)
+        return write(*args, **kwargs)
+
+    return request._replace(async_fn=write_in_child)
+
+
+def _results_queue_dies_with_trainer() -> None:
+    """Megatron-Core's torch_dist writer (sync and async) reports results through a queue of a
+    multiprocessing Manager, a spawned server process that is stopped only at a clean exit: a
+    SIGKILLed trainer would leave it running for ever. Start that Manager ourselves, with
+    PDEATHSIG, before Megatron-Core starts its own."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    import multiprocessing
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from ..runtime.processes import exit_with_parent
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=exit_with_parent, initargs=(signal.SIGKILL,))
+    filesystem_async._results_queue = manager.Queue()
 
 
 def _drop_missing_objects(sharded_sd: dict, ckpt_dir: Path) -> None:
@@ -197,19 +247,19 @@ def check_compatible(cfg, manifest: dict, source: str) -> None:
                 f"{source} was saved with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"set --{key.replace('_', '-')} {saved[key]} or load a matching checkpoint."
             )
-    if saved.get("num_experts") and saved.get("moe_ffn_hidden_size") != cfg.model.moe_ffn_hidden_size and (
-        saved.get("moe_ffn_hidden_size") or saved.get("ffn_hidden_size")
-    ) != cfg.model.expert_ffn_hidden_size:
-        raise ValueError(
-            f"{source} has expert FFN size {saved.get('moe_ffn_hidden_size') or saved.get('ffn_hidden_size')} "
-            f"but this run has {cfg.model.expert_ffn_hidden_size}; "
-            + (f"set --moe-ffn-hidden-size {saved['moe_ffn_hidden_size']} (split experts are smaller than the dense FFN)."
-               if saved.get("moe_ffn_hidden_size") else "drop --moe-ffn-hidden-size.")
-        )
     if saved.get("num_experts") != cfg.model.num_experts:
         raise ValueError(
             f"{source} has num_experts={saved.get('num_experts')!r} but this run has "
             f"--num-experts {cfg.model.num_experts!r}."
+        )
+    saved_expert_ffn = saved.get("moe_ffn_hidden_size") or saved.get("ffn_hidden_size")
+    if saved.get("num_experts") and saved_expert_ffn != cfg.model.expert_ffn_hidden_size:
+        raise ValueError(
+            f"{source} has experts of FFN size {saved_expert_ffn} but this run has "
+            f"{cfg.model.expert_ffn_hidden_size}; "
+            + (f"set --moe-ffn-hidden-size {saved['moe_ffn_hidden_size']} (split experts are smaller than the "
+               "dense FFN) or drop the flag where it is read from the checkpoint."
+               if saved.get("moe_ffn_hidden_size") else "drop --moe-ffn-hidden-size.")
         )
 
 

@@ -1,4 +1,8 @@
-"""Throughput accounting: model FLOPs per token (active parameters for MoE), device peak, MFU."""
+"""Throughput accounting: tokens/s, TFLOP/s per device, device peak, MFU.
+
+The FLOPs per token come from :mod:`btx_megatron.models.accounting` (the one home of the
+formula: active parameters for MoE, causal attention, 3x forward for training).
+"""
 
 from __future__ import annotations
 
@@ -8,37 +12,12 @@ import time
 
 import torch
 
+from ..models.accounting import flops_per_token
+
+__all__ = ["Throughput", "device_peak_tflops", "flops_per_token", "measured_matmul_tflops", "peak_memory_gib"]
+
 # Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs (vendor figures, no sparsity).
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "B200": 2250.0, "GH200": 989.0}
-
-
-def flops_per_token(model_cfg, seq_length: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) per token, counting matmuls.
-
-    MoE layers count only the experts a token is routed to (plus the router), so MFU of a
-    top-2 BTX model is comparable with that of a dense model of the same active size.
-    Attention scores are counted with the causal half of the score matrix.
-    """
-    m = model_cfg
-    h, hd = m.hidden_size, m.head_dim
-    q_out = m.num_attention_heads * hd
-    kv_out = 2 * m.num_query_groups * hd
-    attn_proj = 2 * h * (q_out + kv_out) + 2 * q_out * h
-    attn_scores = 2 * 2 * seq_length * q_out * 0.5
-    ffn_mult = 3 if m.swiglu else 2
-    if m.is_moe:
-        if m.moe_router_type == "soft":
-            active = m.num_experts
-        elif m.moe_router_type in ("switch", "sample-top1"):
-            active = 1
-        else:
-            active = m.moe_router_topk
-        mlp = active * 2 * h * m.expert_ffn_hidden_size * ffn_mult + 2 * h * m.num_experts
-    else:
-        mlp = 2 * h * m.ffn_hidden_size * ffn_mult
-    logits = 2 * h * m.padded_vocab_size
-    forward = m.num_layers * (attn_proj + attn_scores + mlp) + logits
-    return 3.0 * forward
 
 
 @functools.lru_cache(maxsize=1)

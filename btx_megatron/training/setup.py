@@ -8,13 +8,16 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models import build_model_chunks, transformer_config, virtual_pipeline_size
+from .freezing import FROZEN_ATTR, apply_freezing
 
 
 @dataclasses.dataclass
@@ -28,19 +31,12 @@ class TrainingSetup:
     data_parallel_size: int
 
 
-def freeze_parameters(model_chunks, freeze_experts: bool, freeze_router: bool) -> int:
-    """BTX ablations: train attention/norms/embeddings/router only, or keep the router fixed."""
-    frozen = 0
-    for chunk in model_chunks:
-        for name, param in chunk.named_parameters():
-            if (freeze_experts and ".mlp.experts." in name) or (freeze_router and ".mlp.router." in name):
-                param.requires_grad_(False)
-                frozen += param.numel()
-    return frozen
-
-
 def setup_training(cfg, *, with_optimizer: bool = True) -> TrainingSetup:
-    """Build this rank's model chunks, wrap them in DDP, and create optimizer and scheduler."""
+    """Build this rank's model chunks, wrap them in DDP, and create optimizer and scheduler.
+
+    One function on purpose: the whole parallel set-up reads top to bottom in numbered steps
+    (model, mixed precision, DDP, optimizer, schedule, schedule hooks), as in torchtitan's
+    parallelize step, instead of being spread over helpers."""
     p, t, prec = cfg.parallel, cfg.train, cfg.precision
     world = torch.distributed.get_world_size()
     dp = parallel_state.get_data_parallel_world_size()
@@ -49,7 +45,7 @@ def setup_training(cfg, *, with_optimizer: bool = True) -> TrainingSetup:
     # 1. Model chunks from Megatron-Core specs.
     tconfig = transformer_config(cfg)
     chunks = build_model_chunks(cfg, tconfig)
-    freeze_parameters(chunks, t.freeze_experts, t.freeze_router)
+    apply_freezing(chunks, t, cfg.model.num_experts)
     for chunk in chunks:
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
@@ -64,7 +60,7 @@ def setup_training(cfg, *, with_optimizer: bool = True) -> TrainingSetup:
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=t.check_for_nan_in_loss_and_grad,
         bucket_size=None if not p.overlap_grad_reduce else 40_000_000,
     )
     model = [
@@ -94,7 +90,10 @@ def setup_training(cfg, *, with_optimizer: bool = True) -> TrainingSetup:
             use_distributed_optimizer=p.use_distributed_optimizer,
             overlap_param_gather=p.overlap_param_gather,
         )
-        optimizer = get_megatron_optimizer(opt_config, model)
+        overrides = get_standard_config_overrides(opt_config)
+        # Weights frozen by a zero gradient (--train-experts) must not decay either.
+        overrides[ParamKey(attr=FROZEN_ATTR)] = ParamGroupOverride(wd_mult=0.0)
+        optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
         # 5. LR schedule in iterations: linear warmup, then decay to --min-lr.
         decay_iters = t.lr_decay_iters or max(t.train_iters, 1)
         scheduler = OptimizerParamScheduler(

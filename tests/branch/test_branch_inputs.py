@@ -15,8 +15,11 @@ import yaml
 
 from branch_testlib import DOMAINS, ROOT, TINY_MODEL, tiny_experiment, write_yaml
 
-from btx_megatron.btx import launcher
-from btx_megatron.btx.experiment import ExperimentError, load_experiment, parse_experiment
+from btx_megatron.launch import local as launch_local
+from btx_megatron.launch import plan as launcher
+from btx_megatron.launch import slurm as launch_slurm
+from btx_megatron.config.experiment import ExperimentError
+from btx_megatron.config.experiment_file import load_experiment, parse_experiment
 
 import importlib.util
 
@@ -73,7 +76,7 @@ def test_example_experiment_loads_and_plans(monkeypatch, tmp_path):
     monkeypatch.setenv("BTX_RUN_DIR", str(tmp_path / "run"))
     exp = load_experiment(ROOT / "examples" / "tiny" / "experiment.yaml")
     plans = launcher.plan_runs(exp)
-    assert list(plans) == ["seed", "math", "code", "wiki", "dense"]
+    assert list(plans) == ["seed", "math", "code", "wiki", "mix", "upcycling", "dense"]
     for d in DOMAINS:
         p = plans[d]
         assert p.init_checkpoint == str(tmp_path / "run" / "seed" / "checkpoints")
@@ -81,10 +84,11 @@ def test_example_experiment_loads_and_plans(monkeypatch, tmp_path):
         assert p.config.data.data_path == [str(tmp_path / "corpora" / "data" / f"{d}_train")]
         assert p.start_args(resume=False) == ["--load", p.init_checkpoint, "--finetune"]
         assert p.start_args(resume=True) == ["--load", str(p.save_dir)]
-    # Dense baseline: every domain's data in proportion to the budgets, as many tokens as all branches.
+    # Dense baseline (launched alone, without the pipeline's FLOP budget): the mix data, as many
+    # tokens as the branches and the mix phase together.
     dense = plans["dense"]
-    assert dense.target_iters == sum(plans[d].target_iters for d in DOMAINS)
-    assert [round(b.weight, 6) for b in dense.blend] == [round(1 / 3, 6)] * 3
+    assert dense.target_iters == sum(plans[d].target_iters for d in DOMAINS) + plans["mix"].target_iters
+    assert dense.blend == plans["mix"].blend == exp.mix_blend()
     # The mix blend: the example's 27/27/27 % domains plus the 19 % seed share spread over the seed's data.
     mix = exp.mix_blend()
     assert abs(sum(b.weight for b in mix) - 1.0) < 1e-9
@@ -209,14 +213,15 @@ def test_dry_run_prints_the_expected_sbatch_jobs(monkeypatch, tmp_path):
             f"#SBATCH --job-name=btx-tiny-btx-{d}", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
             "#SBATCH --gpus-per-node=1", "#SBATCH --time=02:00:00", "#SBATCH --signal=B:USR1@300",
             "#SBATCH --requeue", f"#SBATCH --output={run}/branches/{d}/logs/slurm-%j.out",
-            f"SAVE={run}/branches/{d}/checkpoints", f"INIT_CHECKPOINT={run}/seed/checkpoints   # the seed (first start only)",
+            f"SAVE={run}/branches/{d}/checkpoints", f"INIT_CHECKPOINT={run}/seed/checkpoints   # first start only (seed or merged model)",
+                "TRAINER_MODULE=btx_megatron.pretrain",
             "TRAIN_ITERS=250", "    --train-iters 250", f"    --data-path {tmp_path}/corpora/data/{d}_train",
             f"    --save {run}/branches/{d}/checkpoints", "    --num-layers 4", "    --seq-length 128",
             "    --lr 0.001", "    --global-batch-size 32",
             'source "$BTX_ROOT/slurm/branch.sbatch"',
         ]:
             assert expected in lines, (expected, script)
-        for array in launcher.ARRAY_ORDER:
+        for array in launch_slurm.ARRAY_ORDER:
             assert any(line.startswith(f"{array}=(") for line in lines), array
         # The start mode is decided by the shared script (seed + --finetune, or own --save).
         assert not [line for line in lines if line.strip().startswith(("--finetune", "--load"))]
@@ -291,15 +296,15 @@ def test_local_runner_restarts_a_run_that_lost_its_port(tmp_path, monkeypatch):
     import sys
     import types
 
-    from btx_megatron.btx.experiment import Launch
+    from btx_megatron.config.experiment import Launch
 
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
     busy = held.getsockname()[1]
     ports = iter([busy])
-    real_free_port = launcher._free_port
-    monkeypatch.setattr(launcher, "_free_port", lambda taken: next(ports, None) or real_free_port(taken))
+    real_free_port = launch_local.free_port
+    monkeypatch.setattr(launch_local, "free_port", lambda taken: next(ports, None) or real_free_port(taken))
     # Stand-in trainer: binds MASTER_PORT like torch's TCPStore, then "trains" one iteration.
     script = ("import os, socket, sys\n"
               "s = socket.socket()\n"
@@ -319,7 +324,7 @@ def test_local_runner_restarts_a_run_that_lost_its_port(tmp_path, monkeypatch):
 
     runs = [plan("a"), plan("b")]
     echoed = []
-    results = launcher.LocalRunner(exp=None, max_concurrent=2, echo=echoed.append, poll_s=0.05).run(runs)
+    results = launch_local.LocalRunner(exp=None, max_concurrent=2, echo=echoed.append, poll_s=0.05).run(runs)
     held.close()
     assert results == {"a": 0, "b": 0}, echoed
     assert any(f"port {busy} was taken" in line for line in echoed)
@@ -329,13 +334,57 @@ def test_local_runner_restarts_a_run_that_lost_its_port(tmp_path, monkeypatch):
     assert busy not in final_ports and len(final_ports) == 2
 
 
-def test_corpora_section_sets_the_pipeline_corpora_and_the_command_line_overrides_it(setup):
-    from btx_megatron.btx.pipeline import load_pipeline
+def test_corpora_section_sets_the_pipeline_corpora_and_set_overrides_it(setup):
+    from btx_megatron.experiment import load_pipeline
 
     tmp_path, exp = setup
     exp["corpora"] = {"vocab_size": 2048, "tokens_per_domain": 3_000_000}
     path = write_yaml(tmp_path / "exp.yaml", exp)
     pipe = load_pipeline(str(path), echo=lambda _: None)
-    assert (pipe.corpora.vocab_size, pipe.corpora.tokens_per_domain) == (2048, 3_000_000)
-    pipe = load_pipeline(str(path), echo=lambda _: None, corpora_vocab_size=1024)
-    assert (pipe.corpora.vocab_size, pipe.corpora.tokens_per_domain) == (1024, 3_000_000)
+    assert (pipe.exp.corpora.vocab_size, pipe.exp.corpora.tokens_per_domain) == (2048, 3_000_000)
+    pipe = load_pipeline(str(path), echo=lambda _: None, overrides={"corpora.vocab_size": 1024})
+    assert (pipe.exp.corpora.vocab_size, pipe.exp.corpora.tokens_per_domain) == (1024, 3_000_000)
+
+
+def test_set_overrides_address_domains_by_name_and_are_validated(setup):
+    from btx_megatron.config.experiment_file import apply_overrides, parse_override
+
+    tmp_path, exp = setup
+    key, value = parse_override("domains.wiki.train_iters=7")
+    raw = apply_overrides(exp, {key: value, "branch_defaults.train.lr": 3e-4, "mix.train_iters": None})
+    assert raw["domains"][2]["train_iters"] == 7 and exp["domains"][2]["train_iters"] == 40  # a copy
+    assert raw["branch_defaults"]["train"]["lr"] == 3e-4 and "train_iters" not in raw["mix"]
+    parsed = parse_experiment(raw)
+    assert parsed.domain("wiki").budget.train_iters == 7
+    with pytest.raises(ExperimentError, match=r"branch_defaults.train.lrr"):
+        parse_experiment(apply_overrides(exp, {"branch_defaults.train.lrr": 1.0}))
+    with pytest.raises(ExperimentError, match="no list item 'poetry'"):
+        apply_overrides(exp, {"domains.poetry.train_iters": 3})
+    with pytest.raises(ExperimentError, match="expected KEY.PATH=VALUE"):
+        parse_override("lr")
+
+
+def test_every_run_kind_has_one_plan_and_one_config_builder(setup):
+    """Seed, branches, dense, mix (+ router variants) and upcycling: one RunPlan each; MoE runs
+    start with the mix entrypoint from the merged (or upcycled) model."""
+    from btx_megatron.launch.plan import plan_runs
+
+    tmp_path, exp = setup
+    plans = plan_runs(parse_experiment(exp), router_variants=["soft", "topk"])
+    assert {n: p.kind for n, p in plans.items()} == {
+        "math": "branch", "code": "branch", "wiki": "branch", "mix": "mix", "mix:soft": "mix",
+        "upcycling": "upcycling", "dense": "dense"}
+    mix = plans["mix"]
+    assert mix.module == "btx_megatron.pretrain_mix" and mix.config.model.num_experts == 4
+    assert mix.start_args(resume=False) == ["--load", str(tmp_path / "out" / "merged")]
+    assert mix.start_args(resume=True) == ["--load", str(mix.save_dir)]
+    assert plans["mix:soft"].config.model.moe_router_type == "soft"
+    assert plans["upcycling"].init_checkpoint.endswith("baselines/upcycled")
+    assert plans["math"].start_args(resume=False)[-1] == "--finetune"
+    # The dense baseline sees the mix data; without a FLOP budget, the tokens of branches + mix.
+    dense = plans["dense"]
+    assert dense.config.data.data_path == mix.config.data.data_path
+    tokens = sum(plans[d].target_iters * plans[d].tokens_per_iter for d in DOMAINS) + mix.target_iters * mix.tokens_per_iter
+    assert dense.target_iters == -(-tokens // dense.tokens_per_iter)
+    flops = plan_runs(parse_experiment(exp), dense_flops=1e12)["dense"]
+    assert flops.target_iters != dense.target_iters

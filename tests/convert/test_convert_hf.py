@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors import safe_open  # noqa: E402
 
-from btx_megatron import checkpoint_format as fmt  # noqa: E402
+from btx_megatron import checkpoint as fmt  # noqa: E402
 from btx_megatron.convert import export_hf, import_hf, mapping  # noqa: E402
 from convert_workers import megatron_logits, megatron_model, megatron_token_loss, relayout  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402

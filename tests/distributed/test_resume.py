@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from btx_megatron import checkpoint_format as fmt
+from btx_megatron import checkpoint as fmt
 from dist_utils import run_distributed
 from workers import TINY_DENSE, TINY_MOE, train
 
@@ -97,7 +97,7 @@ def test_fully_reshardable_optimizer_state_changes_layout(tmp_path):
 
 HANG_SAVE = """
 import sys, time
-import btx_megatron.checkpoint_format as fmt
+import btx_megatron.checkpoint as fmt
 original = fmt.publish
 def publish(staging, root, iteration):
     if iteration == 4:

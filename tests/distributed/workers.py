@@ -34,6 +34,7 @@ def load_and_forward(argv: list[str], load: str) -> list[float]:
     from btx_megatron.pretrain import resolve_vocab
     from btx_megatron.runtime.distributed import initialize_distributed
     from btx_megatron.training import checkpointing
+    from btx_megatron.training.components import Evaluator
     from btx_megatron.training.trainer import Trainer
 
     cfg, _ = parse_config(argv + ["--load", load, "--finetune", "--train-iters", "0"])
@@ -43,4 +44,4 @@ def load_and_forward(argv: list[str], load: str) -> list[float]:
     trainer = Trainer(cfg)
     checkpointing.load_model_weights(trainer.model, load)
     trainer.build_data()
-    return [trainer.evaluate(trainer.datasets["valid"])]
+    return [Evaluator(cfg, trainer.setup, trainer.datasets).loss(trainer.datasets["valid"])]

@@ -18,19 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = REPO / "examples" / "tiny" / "experiment.yaml"
+SCALE = Path(__file__).with_name("test_scale.yaml")
 DOMAINS = ("math", "code", "wiki")
 MODELS = ("seed", "math", "code", "wiki", "dense", "upcycling", "btm", "btx_merged", "btx_oracle", "btx")
 
 
-def run_pipeline(out: Path, data: Path) -> str:
+def run_pipeline(out: Path, data: Path, *extra: str) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("BTX_RUN_DIR", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "run_experiment.py"), str(EXPERIMENT), "--scale", "test",
-         "--output", str(out), "--data-dir", str(data)],
+        [sys.executable, str(REPO / "tools" / "run_experiment.py"), str(EXPERIMENT), "--overrides", str(SCALE),
+         "--output", str(out), "--data-dir", str(data), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -72,10 +74,20 @@ def run():
     import shutil
     import tempfile
 
+    from btx_megatron.experiment import load_pipeline
+
     base = Path(tempfile.mkdtemp(prefix="btx_e2e_"))
-    out, data = base / "run", base / "corpora"
-    stdout = run_pipeline(out, data)
-    yield {"out": out, "data": data, "stdout": stdout, "stages": stages(out)}
+    out, data, shared = base / "run", base / "corpora", base / "runs"
+    # Seed, branches and dense baseline in a content-addressed shared directory, as a sweep has them.
+    sets = ("--set", f"shared_runs_dir={shared}")
+    stdout = run_pipeline(out, data, *sets)
+    pipeline = load_pipeline(str(EXPERIMENT), output=str(out), data_dir=str(data), echo=lambda _: None,
+                             overrides={**yaml.safe_load(SCALE.read_text()), "shared_runs_dir": str(shared)})
+    roots = {name: pipeline.plans[name].save_dir for name in ("seed", "mix", "upcycling", *DOMAINS)}
+    roots.update(merged=out / "merged", upcycled=out / "baselines/upcycled",
+                 dense=Path(json.loads((out / "eval" / "dense.json").read_text())["checkpoint"]).parent)
+    yield {"out": out, "data": data, "stdout": stdout, "stages": stages(out), "roots": roots, "sets": sets,
+           "base": base}
     if not os.environ.get("BTX_E2E_KEEP"):
         shutil.rmtree(base, ignore_errors=True)
 
@@ -89,10 +101,8 @@ def test_every_stage_output(run):
     assert all(r["status"] == "done" and r["executions"] == 1 for r in recorded.values())
 
     # Every checkpoint loads and holds finite weights.
-    roots = {"seed": out / "seed/checkpoints", "dense": out / "baselines/dense/checkpoints",
-             "merged": out / "merged", "mix": out / "mix/checkpoints",
-             "upcycled": out / "baselines/upcycled", "upcycling": out / "baselines/upcycling/checkpoints",
-             **{d: out / "branches" / d / "checkpoints" for d in DOMAINS}}
+    roots = run["roots"]
+    assert roots["math"].parent.parent == run["base"] / "runs"  # content-addressed shared runs
     tensors = {}
     for name, root in roots.items():
         tensors[name] = read_tensors(final_dir(root))
@@ -164,7 +174,7 @@ def test_every_stage_output(run):
 def test_second_run_reuses_every_stage(run):
     out = run["out"]
     before = stages(out)
-    stdout = run_pipeline(out, run["data"])
+    stdout = run_pipeline(out, run["data"], *run["sets"])
     after = stages(out)
     assert after == before  # no record touched: nothing re-executed
     assert "[launch]" not in stdout and "running (" not in stdout
@@ -174,10 +184,10 @@ def test_second_run_reuses_every_stage(run):
 def test_damaged_branch_checkpoint_is_rebuilt(run):
     out = run["out"]
     before = stages(out)
-    root = out / "branches" / "math" / "checkpoints"
+    root = run["roots"]["math"]
     victim = sorted(final_dir(root).glob("*.distcp"))[0]
     victim.unlink()
-    stdout = run_pipeline(out, run["data"])
+    stdout = run_pipeline(out, run["data"], *run["sets"])
     after = stages(out)
     assert "branch:math: running (output damaged or incomplete" in stdout
     assert "resuming from iteration 4" in stdout  # rolled back to the intact checkpoint, not retrained
@@ -191,3 +201,19 @@ def test_damaged_branch_checkpoint_is_rebuilt(run):
     assert torch.equal(merged["decoder.layers.mlp.experts.experts.linear_fc1.weight"][:, 0],
                        math_fc1["decoder.layers.mlp.linear_fc1.weight"])
     assert all(r["status"] == "done" for r in after.values())
+
+
+def test_a_configuration_that_differs_in_the_mix_reuses_seed_and_branches(run):
+    """A second experiment (a sweep's next configuration) with another mix phase and the same
+    shared runs directory trains no seed and no branches: it adopts them."""
+    other = run["base"] / "other"
+    stdout = run_pipeline(other, run["data"], *run["sets"], "--set", "mix.train_iters=4",
+                          "--set", "baselines.dense.enabled=false", "--set", "baselines.upcycling.enabled=false",
+                          "--set", "baselines.btm.enabled=false")
+    recorded = stages(other)
+    for name in ("seed", "branch:math", "branch:code", "branch:wiki"):
+        assert recorded[name]["adopted"] is True and recorded[name]["executions"] == 0, name
+        assert f"[pipeline] {name}: up to date, reused" in stdout
+    assert recorded["mix"]["executions"] == 1
+    started = [line for line in stdout.splitlines() if line.startswith("[launch]") and "started pid" in line]
+    assert len(started) == 1 and "mix:" in started[0], started

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from btx_megatron.btx import btm
-from btx_megatron.btx.report import ResultRow, plot_loss_curves, read_train_curve, training_cost, write_report
+from btx_megatron.eval import btm
+from btx_megatron.eval.report import ResultRow, plot_loss_curves, read_train_curve, training_cost, write_report
 
 
 def _profiles(seed: int = 0, vocab: int = 60):

@@ -25,7 +25,7 @@ def _hand_losses(path: str, corpora: str, num_samples: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from btx_megatron import checkpoint_format as fmt
+    from btx_megatron import checkpoint as fmt
     from btx_megatron.config import Config
     from btx_megatron.data import build_domain_eval_datasets, build_tokenizer
     from btx_megatron.models import build_model_chunks, transformer_config
@@ -61,8 +61,8 @@ def _worker(corpora: str, work: str) -> dict:
     import sys
     from pathlib import Path
 
-    from btx_megatron.btx.btm import BTMOptions, evaluate_btm
-    from btx_megatron.btx.evaluation import evaluate_checkpoint
+    from btx_megatron.eval.btm import BTMOptions, evaluate_btm
+    from btx_megatron.eval.perplexity import evaluate_checkpoint
     from eval_helpers import domain_prefixes, make_checkpoints, tokenizer_flags
 
     ckpts = make_checkpoints(work, {

@@ -78,3 +78,85 @@ def write_token_dataset(prefix: str | Path, seed: int, num_docs: int = 8, doc_le
         builder.add_document(doc, [doc_len])
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# Running merges and reading their results
+# ---------------------------------------------------------------------------------------------
+
+L = 2
+FC1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+DENSE_FC1 = "decoder.layers.mlp.linear_fc1.weight"
+DENSE_FC2 = "decoder.layers.mlp.linear_fc2.weight"
+ROUTER = "decoder.layers.mlp.router.weight"
+
+
+def merge(output, branches=None, **kw):
+    from btx_megatron.merge import MergeOptions, run_merge
+
+    kw.setdefault("progress", False)
+    return run_merge(MergeOptions(branches=[(n, str(p)) for n, p in (branches or [])], output=str(output), **kw))
+
+
+def iter_dir(path) -> Path:
+    return Path(path) / "iter_0000000"
+
+
+def moe_argv(num_experts: int, topk: int, extra: list[str] = ()) -> list[str]:
+    return TINY + ["--num-experts", str(num_experts), "--moe-router-topk", str(topk), *extra]
+
+
+def load(model_chunks, path):
+    from btx_megatron.training.checkpointing import load_model_weights
+
+    return load_model_weights(model_chunks, str(path))
+
+
+def tokens(seed: int = 0, b: int = 2, s: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, 200, (b, s), generator=g)
+    return tok, torch.arange(s).unsqueeze(0).expand(b, s)
+
+
+@torch.no_grad()
+def logits_of(model, tok, pos):
+    model.eval()
+    return model(tok, pos, None)
+
+
+def reference_average(tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """The merge's averaging as it was first written (whole tensors): a float64 running sum
+    ``acc.add_(t, alpha=w)`` in source order (weight 0 skipped, weight 1 without alpha), one
+    division by the weight sum unless it is 1, one rounding to ``dtype``."""
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        if w == 0.0:
+            continue
+        if w == 1.0:
+            acc.add_(t)
+        else:
+            acc.add_(t, alpha=w)
+    total = float(sum(weights))
+    return (acc if total == 1.0 else acc / total).to(dtype)
+
+
+def cast_checkpoint(src_root: str | Path, dst_root: str | Path, dtype: torch.dtype) -> Path:
+    """A copy of a checkpoint ROOT with every model tensor cast to ``dtype``, written with
+    PyTorch's own DCP writer as whole tensors (one chunk per key: a layout Megatron's saver never
+    writes, so readers must cut layer slices out of multi-layer chunks)."""
+    import json
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    src, dst = iter_dir(src_root), iter_dir(dst_root)
+    dst.mkdir(parents=True)
+    state = {k: v.to(dtype) for k, v in read_dcp(src).items()}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dst)), no_dist=True)
+    shutil.copy(src / "metadata.json", dst / "metadata.json")
+    manifest = json.loads((src / "btx_checkpoint.json").read_text())
+    manifest["precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    (dst / "btx_checkpoint.json").write_text(json.dumps(manifest))
+    (Path(dst_root) / "latest_checkpointed_iteration.txt").write_text("0\n")
+    return Path(dst_root)

@@ -52,6 +52,12 @@ def world1(merged, tmp_path_factory):
     for name, flag in (("freeze-experts", "--freeze-experts"), ("freeze-router", "--freeze-router")):
         names.append(name)
         runs.append(_argv(merged, flag, "--train-iters", "10", "--save", str(out / name)))
+    # Expert training against the frozen rest (FlexOlmo-style): expert "code" only, then with its
+    # router rows.
+    for name, flags in (("train-code", ["--train-experts", "code"]),
+                        ("train-code-router", ["--train-experts", "code", "--train-router"])):
+        names.append(name)
+        runs.append(_argv(merged, *flags, "--train-iters", "10", "--save", str(out / name)))
     # Start / resume: A stops at 3 of 6, B resumes it, C runs 6 uninterrupted.
     names += ["A", "B", "C"]
     runs.append(_argv(merged, "--train-iters", "6", "--save", str(out / "AB"), "--exit-interval", "3"))
@@ -61,6 +67,8 @@ def world1(merged, tmp_path_factory):
         "start": str(merged / "iter_0000000"),
         "freeze-experts": str(out / "freeze-experts" / "iter_0000010"),
         "freeze-router": str(out / "freeze-router" / "iter_0000010"),
+        "train-code": str(out / "train-code" / "iter_0000010"),
+        "train-code-router": str(out / "train-code-router" / "iter_0000010"),
     }
     results, tensors = run_distributed(
         mix_sequence_worker, 1, runs, read_after, EXPERT_KEYS + (ROUTER_KEY,) + OTHER_KEYS)[0]
@@ -120,6 +128,35 @@ def test_freeze_experts_and_freeze_router(world1):
     for key in OTHER_KEYS:
         assert not torch.equal(frozen_experts[key], start[key]), key
         assert not torch.equal(frozen_router[key], start[key]), key
+
+
+def test_train_experts_changes_only_the_named_expert_and_its_router_rows(world1):
+    """--train-experts code: every weight but expert 1 ("code") stays bit-identical; with
+    --train-router its router row trains too and the other rows do not move (no weight decay,
+    zero gradient); the frozen weights hold no optimizer state."""
+    out, tensors = world1[0], world1[2]
+    start = tensors["start"]
+    code = EXPERT_NAMES.index("code")
+    for run in ("train-code", "train-code-router"):
+        trained = tensors[run]
+        for key in EXPERT_KEYS:
+            others = [e for e in range(len(EXPERT_NAMES)) if e != code]
+            assert torch.equal(trained[key][:, others], start[key][:, others]), (run, key)
+            assert not torch.equal(trained[key][:, code], start[key][:, code]), (run, key)
+        for key in OTHER_KEYS:
+            assert torch.equal(trained[key], start[key]), (run, key)
+    assert torch.equal(tensors["train-code"][ROUTER_KEY], start[ROUTER_KEY])
+    routed = tensors["train-code-router"][ROUTER_KEY]  # [L, E, H]
+    assert not torch.equal(routed[:, code], start[ROUTER_KEY][:, code])
+    assert torch.equal(routed[:, [e for e in range(len(EXPERT_NAMES)) if e != code]],
+                       start[ROUTER_KEY][:, [e for e in range(len(EXPERT_NAMES)) if e != code]])
+    from btx_megatron.checkpoint.verify import dcp_metadata
+
+    optimizer_keys = [k for k in dcp_metadata(out / "train-code" / "iter_0000010").state_dict_metadata
+                      if k.startswith("optimizer.") and "exp_avg." in k]
+    assert optimizer_keys and all("experts" in k for k in optimizer_keys), optimizer_keys
+    manifest = json.loads((out / "train-code-router" / "iter_0000010" / "btx_checkpoint.json").read_text())
+    assert manifest["btx"]["expert_training"][-1]["experts"] == ["code"]
 
 
 def test_merged_starts_fresh_and_mix_checkpoints_resume_exactly(world1):
@@ -194,8 +231,12 @@ def test_refuses_dense_checkpoint(merged, tmp_path):
         (["--moe-ffn-hidden-size", "64"], "FFN size 128"),
         (["--moe-router-type", "soft", "--moe-expert-capacity-factor", "1.5"], "remove --moe-expert-capacity-factor"),
         (["--moe-router-type", "sample-top1", "--moe-router-load-balancing-type", "sinkhorn"], "sinkhorn chooses the experts"),
+        (["--train-experts", "poetry"], "the checkpoint's experts are math, code, wiki, seed"),
+        (["--train-experts", "math", "code", "wiki", "seed"], "names every expert"),
+        (["--train-router"], "goes with --train-experts"),
     ],
-    ids=["num-experts", "topk", "hidden", "swiglu", "expert-ffn", "soft-capacity", "sample-sinkhorn"],
+    ids=["num-experts", "topk", "hidden", "swiglu", "expert-ffn", "soft-capacity", "sample-sinkhorn",
+         "train-unknown-expert", "train-every-expert", "train-router-alone"],
 )
 def test_bad_flags_are_refused_before_compute(merged, flags, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("=", "=").replace("(", r"\(")):

@@ -39,8 +39,8 @@ def _pipeline(corpora: str, work: str) -> dict:
     from pathlib import Path
 
     from btx_megatron import pretrain_mix
-    from btx_megatron.btx.merge_io import MergeOptions, run_merge
-    from btx_megatron.btx.routing_analysis import RoutingAnalysisOptions, analyze
+    from btx_megatron.merge import MergeOptions, run_merge
+    from btx_megatron.eval.routing import RoutingAnalysisOptions, analyze
     from btx_megatron.config import parse_config
     from btx_megatron.pretrain import run
 
@@ -76,7 +76,7 @@ def _pipeline(corpora: str, work: str) -> dict:
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
-    pytest.importorskip("btx_megatron.btx.merge_io", reason="the merge tool builds the BTX model")
+    pytest.importorskip("btx_megatron.merge", reason="the merge tool builds the BTX model")
     from btx_megatron.data import CorporaConfig, build_corpora
 
     corpora = tmp_path_factory.mktemp("corpora")
@@ -114,7 +114,7 @@ def test_report_files(analysed):
 
 
 def _analyze_at(load: str, domains: dict, output: str, num_batches: int, tp: int) -> dict:
-    from btx_megatron.btx.routing_analysis import RoutingAnalysisOptions, analyze
+    from btx_megatron.eval.routing import RoutingAnalysisOptions, analyze
 
     return analyze(RoutingAnalysisOptions(load=load, domains=domains, output=output, num_batches=num_batches,
                                           micro_batch_size=4, tensor_model_parallel_size=tp))

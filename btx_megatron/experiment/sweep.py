@@ -1,0 +1,280 @@
+"""Sweeps over an experiment file: many configurations, repeated over random seeds, one table.
+
+    python tools/run_sweep.py examples/tiny/sweep.yaml
+
+A sweep file names the experiment, the configurations (named ``--set`` override sets and/or a
+grid over override keys) and the seeds::
+
+    experiment: examples/tiny/experiment.yaml
+    output: runs/sweep                 # OUT/<config>-s<seed>/ per run, OUT/runs/ shared runs
+    seeds: [1234, 2025]                # each sets seed_keys (default: every training seed, router seed)
+    base: {evaluation.eval_iters: 8}   # applied to every configuration
+    configurations:                    # one table row each ...
+      paper: {}
+      centroid: {merge.router_init: centroid}
+    grid:                              # ... times every combination of these values
+      mix.train_iters: [150, 300]
+
+Every configuration of every seed is an ordinary pipeline run in its own directory; the seed,
+branch and dense-baseline runs live in the content-addressed ``OUT/runs`` (the experiment's
+``shared_runs_dir``), so configurations that agree on them (the same seed recipe, or the same
+branches with another merge or mix) train them once. Interrupted sweeps continue where they
+stopped. The result is ``OUT/sweep.md`` / ``sweep.json`` (mean and standard deviation over seeds
+of every model's average perplexity and of BTX - dense, BTX - upcycling, BTX - BTM) and, per
+swept factor, a PNG of BTX - dense against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import checkpoint as fmt
+from ..config.experiment import ExperimentError
+from ..config.experiment_file import read_experiment_document
+from .pipeline import PipelineError, load_pipeline
+
+DEFAULT_SEED_KEYS = ("branch_defaults.train.seed", "merge.router_seed")
+COMPARED = {"dense": "BTX - dense", "upcycling": "BTX - upcycling", "btm": "BTX - BTM"}
+SWEEP_KEYS = ("experiment", "output", "seeds", "seed_keys", "base", "configurations", "grid")
+
+
+@dataclass
+class Sweep:
+    experiment: str
+    output: Path
+    seeds: list[int]
+    seed_keys: list[str]
+    configurations: dict[str, dict[str, Any]]       # name -> overrides (base included)
+    factors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {grid key: value}
+
+    def runs(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """(configuration, seed, overrides) of every pipeline run, configurations outermost."""
+        out = []
+        for name, overrides in self.configurations.items():
+            for seed in self.seeds:
+                run = {**overrides, **{k: seed for k in self.seed_keys}}
+                run.update(output_dir=str(self.output / f"{name}-s{seed}"),
+                           shared_runs_dir=str(self.output / "runs"))
+                out.append((name, seed, run))
+        return out
+
+
+def _label_hash(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load_sweep(path: str | Path, output: str | None = None) -> Sweep:
+    """Read and check a sweep file (see the module docstring)."""
+    raw = read_experiment_document(path)
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ExperimentError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; allowed: {', '.join(SWEEP_KEYS)}.")
+    if "experiment" not in raw:
+        raise ExperimentError(f"{path}: name the experiment file (experiment: examples/tiny/experiment.yaml).")
+    seeds = raw.get("seeds") or [1234]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ExperimentError(f"{path}: seeds must be a list of integers, got {seeds!r}.")
+    base = dict(raw.get("base") or {})
+    named = raw.get("configurations") or ({} if raw.get("grid") else {"base": {}})
+    grid = raw.get("grid") or {}
+    if not isinstance(named, dict) or not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ExperimentError(f"{path}: configurations is a mapping NAME: {{KEY: VALUE}}; grid a mapping KEY: [VALUES].")
+    configurations: dict[str, dict[str, Any]] = {}
+    factors: dict[str, dict[str, Any]] = {}
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    for name, overrides in (named or {"": {}}).items():
+        if not isinstance(overrides, dict):
+            raise ExperimentError(f"{path}: configurations.{name} must map override keys to values.")
+        for combo in combos:
+            label = ",".join(f"{k.rsplit('.', 1)[-1]}={_label(v)}" for k, v in combo.items())
+            full = "+".join(x for x in (str(name), label) if x) or "base"
+            configurations[full] = {**base, **overrides, **combo}
+            factors[full] = dict(combo)
+    out = Path(output or raw.get("output") or Path("runs") / Path(path).stem)
+    return Sweep(str(raw["experiment"]), out.resolve(), seeds, list(raw.get("seed_keys") or DEFAULT_SEED_KEYS),
+                 configurations, factors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def run_sweep(sweep: Sweep, *, data_dir: str | None = None, echo: Callable[[str], None] = print,
+              max_concurrent: int | None = None) -> dict[str, Any]:
+    """Run every configuration x seed (finished ones are reused), then write the table."""
+    sweep.output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[int, Any]] = {name: {} for name in sweep.configurations}
+    errors: dict[str, str] = {}
+    runs = sweep.runs()
+    for i, (name, seed, overrides) in enumerate(runs, 1):
+        echo(f"\n[sweep] {i}/{len(runs)}: {name}, seed {seed}")
+        corpora = {k: v for k, v in overrides.items() if k.startswith("corpora.")}
+        # Configurations with other corpora options get their own corpora directory (the others'
+        # must not be rebuilt under them).
+        run_data = str(sweep.output / ("data-" + _label_hash(corpora))) if corpora else data_dir
+        try:
+            pipeline = load_pipeline(sweep.experiment, data_dir=run_data, overrides=overrides, echo=echo,
+                                     max_concurrent=max_concurrent)
+            results[name][seed] = pipeline.run()
+        except (ValueError, PipelineError) as exc:
+            errors[f"{name}-s{seed}"] = str(exc)[-2000:]
+            echo(f"[sweep] {name}, seed {seed} failed: {str(exc).splitlines()[0]}")
+    summary = summarize(sweep, results, errors)
+    write_sweep_report(sweep, summary)
+    echo("\n" + (sweep.output / "sweep.md").read_text())
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> dict[str, float | int | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _per_model(result: dict[str, Any]) -> dict[str, float]:
+    """model key -> average perplexity, from a pipeline's results.json."""
+    return {m: r["average_ppl"] for m, r in zip(result.get("models", []), result.get("rows", []))}
+
+
+def own_expert_share(routing: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Per domain with an expert of its own name: the fraction of its expert slots that go to
+    that expert, per layer and on average (``routing.json`` of the routing analysis)."""
+    out: dict[str, dict[str, float]] = {}
+    if not routing:
+        return out
+    names = routing.get("expert_names", [])
+    for domain, summary in routing.get("domains", {}).items():
+        # Split experts are named DOMAIN.c: every chunk of the domain's FFN counts as its own.
+        own = [i for i, n in enumerate(names) if n == domain or n.startswith(f"{domain}.")]
+        if not own:
+            continue
+        layers = {layer: sum(fig["token_fraction"][i] for i in own) for layer, fig in summary["layers"].items()}
+        out[domain] = {**layers, "mean": statistics.fmean(layers.values())}
+    return out
+
+
+def summarize(sweep: Sweep, results: dict[str, dict[int, Any]], errors: dict[str, str]) -> dict[str, Any]:
+    rows = {}
+    for name, by_seed in results.items():
+        per_seed = {seed: _per_model(r) for seed, r in by_seed.items() if r}
+        models = sorted({m for ppl in per_seed.values() for m in ppl})
+        row = {"models": {m: _mean_std([ppl.get(m) for ppl in per_seed.values()]) for m in models},
+               "factors": sweep.factors.get(name, {}), "seeds": sorted(per_seed)}
+        for other, label in COMPARED.items():
+            diffs = [ppl["btx"] - ppl[other] for ppl in per_seed.values() if "btx" in ppl and other in ppl]
+            row[label] = _mean_std(diffs)
+        shares = []
+        for seed in by_seed:
+            path = sweep.output / f"{name}-s{seed}" / "report" / "routing" / "routing.json"
+            shares.append(own_expert_share(json.loads(path.read_text()) if path.is_file() else None))
+        domains = sorted({d for share in shares for d in share})
+        row["own_expert_share"] = {d: _mean_std([share[d]["mean"] for share in shares if d in share]) for d in domains}
+        row["own_expert_share_per_layer"] = shares
+        claims = [r.get("shape_checks", {}) for r in by_seed.values() if r]
+        row["claims_held"] = {k: sum(1 for c in claims if c.get(k) is True) for k in (claims[0] if claims else {})
+                              if isinstance(claims[0][k], bool)}
+        rows[name] = row
+    return {"experiment": sweep.experiment, "seeds": sweep.seeds, "rows": rows, "errors": errors}
+
+
+def _cell(stat: dict[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}" if stat["n"] > 1 else f"{stat['mean']:.2f}"
+
+
+def _percent(stat: dict[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return _cell({**stat, "mean": 100 * stat["mean"], "std": 100 * stat["std"]}) + "%"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    rows = summary["rows"]
+    models = [m for m in ("seed", "dense", "upcycling", "btm", "btx_merged", "btx_oracle", "btx")
+              if any(m in r["models"] for r in rows.values())]
+    header = ["configuration", *(f"{m} avg ppl" for m in models), *COMPARED.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in rows.items():
+        cells = [name, *(_cell(r["models"].get(m, {})) for m in models), *(_cell(r[c]) for c in COMPARED.values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_sweep_report(sweep: Sweep, summary: dict[str, Any]) -> None:
+    n = len(sweep.seeds)
+    md = [f"# Sweep of {sweep.experiment}", "",
+          f"Mean ± standard deviation over {n} seed(s) ({', '.join(map(str, sweep.seeds))}) of each model's "
+          "average validation perplexity over the domains; BTX - X < 0 means BTX is better.", "",
+          format_table(summary), ""]
+    if any(row["own_expert_share"] for row in summary["rows"].values()):
+        md += ["", "Share of each domain's expert slots routed to the expert of the same name (mean over layers "
+               "and seeds; top-k routing spreads k slots per token, so top-2 can reach at most 50%):", ""]
+        domains = sorted({d for row in summary["rows"].values() for d in row["own_expert_share"]})
+        md += ["| configuration | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
+        for name, row in summary["rows"].items():
+            cells = [_percent(row["own_expert_share"].get(d, {})) for d in domains]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+        md.append("")
+    for name, row in summary["rows"].items():
+        if row["claims_held"]:
+            held = ", ".join(f"{k}: {v}/{len(row['seeds'])}" for k, v in row["claims_held"].items())
+            md.append(f"- **{name}**: {held}")
+    for run, error in summary["errors"].items():
+        md.append(f"- **{run} failed**: {error.splitlines()[0]}")
+    for png in plot_factors(sweep, summary):
+        md.append(f"\n![{png.stem}]({png.name})")
+    fmt.write_text_atomic(sweep.output / "sweep.md", "\n".join(md) + "\n")
+    fmt.write_json_atomic(sweep.output / "sweep.json", summary)
+
+
+def plot_factors(sweep: Sweep, summary: dict[str, Any]) -> list[Path]:
+    """BTX - dense (mean ± std over seeds) against each swept grid factor, one PNG each; for
+    named configurations without a grid, one bar per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    keys = sorted({k for r in rows.values() for k in r["factors"]})
+    pngs = []
+    groups = {k: [(r["factors"][k], r["BTX - dense"]) for r in rows.values() if k in r["factors"]] for k in keys}
+    if not keys:
+        groups = {"configuration": [(name, r["BTX - dense"]) for name, r in rows.items()]}
+    for key, points in groups.items():
+        points = [(x, s) for x, s in points if s.get("mean") is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(points)), 3.2))
+        labels = [_label(x) for x, _ in points]
+        ax.errorbar(range(len(points)), [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points],
+                    fmt="o", capsize=4)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(points)), labels, rotation=30 if key == "configuration" else 0, ha="right")
+        ax.set_xlabel(key)
+        ax.set_ylabel("BTX - dense (avg ppl)")
+        ax.set_title("below 0: BTX beats compute-matched dense")
+        fig.tight_layout()
+        png = sweep.output / f"btx_minus_dense_{key.replace('.', '_')}.png"
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        pngs.append(png)
+    return pngs

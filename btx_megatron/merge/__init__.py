@@ -1,0 +1,26 @@
+"""The BTX merge: dense branch checkpoints -> one MoE checkpoint (``tools/merge_branches.py``).
+
+``plan``         pure tensor arithmetic: experts (btx / split / blend / upcycle), float64 averages
+``sources``      inspect and check the source checkpoints
+``units``        the output slices and which process makes each
+``router_init``  random and centroid routers (centroids from each branch's own data)
+``storage``      torch_dist tensor IO with plain file reads/writes (no Megatron-Core)
+``options``      MergeOptions -> the checked MergeJob
+``writer``       run_merge: the distributed, streaming read / merge / write
+
+Importing this package does not import Megatron-Core; only centroid routers need it.
+"""
+
+from .options import MergeJob, MergeOptions, prepare
+from .plan import ExpertPlan, average, average_into, expert_shape, fill_experts, normalized_weights
+from .router_init import ROUTER_INITS, centroid_router, compute_centroids, random_router, replicate_centroids
+from .sources import Source, check_sources, inspect_source
+from .units import Unit, assign_units, build_units
+from .writer import run_merge
+
+__all__ = [
+    "ExpertPlan", "MergeJob", "MergeOptions", "ROUTER_INITS", "Source", "Unit", "assign_units", "average",
+    "average_into", "build_units", "centroid_router", "check_sources", "compute_centroids", "expert_shape",
+    "fill_experts", "inspect_source", "normalized_weights", "prepare", "random_router", "replicate_centroids",
+    "run_merge",
+]

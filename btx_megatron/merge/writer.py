@@ -1,0 +1,349 @@
+"""Distributed BTX merge: dense branch checkpoints -> one MoE checkpoint ROOT (:func:`run_merge`).
+
+Every process runs :func:`run_merge`. Rank 0 checks the options and sources and builds the job
+(:func:`.options.prepare`); the output slices (:mod:`.units`) are dealt to the processes by the
+bytes each moves. A process streams its own slices through three stages that overlap:
+
+1. IO threads read each slice's source boxes straight from the source ``.distcp`` files into
+   their destination (for BTX experts: the expert's place in the output tensor; no copy);
+2. the calling thread computes the slice (float64 averages in cache-sized blocks, expert
+   layouts, routers; :mod:`.plan`, :mod:`.router_init`);
+3. a writer thread appends it to the process's own ``__<rank>_0.distcp`` (:mod:`.storage`).
+
+Read-ahead and write-behind are bounded (``MergeOptions.max_inflight_mib``), so a process holds a
+few slices at a time, never a whole model: work, memory and files all scale as 1/W with W
+processes. Rank 0 then writes the DCP ``.metadata`` for every chunk: the keys and global shapes
+Megatron-Core's MoE ``GPTModel`` saves, so the result loads at any TP/PP/EP/expert-TP layout.
+
+No process group is started for one plain process (the merge needs none); under torchrun/srun,
+or when centroid routers run the branch models, :func:`~btx_megatron.runtime.distributed.tool_process_group`
+provides it. Megatron-Core is imported only for centroid routers.
+
+The result is written into ``<output parent>/.staging-<name>-<nonce>/`` and renamed onto the
+output only when every process has finished; any failure removes the staging directory.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .. import checkpoint as fmt
+from ..runtime.progress import Progress
+from . import plan as core
+from .options import TOOL, MergeJob, MergeOptions, prepare
+from .router_init import compute_centroids, router_weight
+from .sources import Source, model_config
+from .storage import (COMMON_STATE_KEY, BufferPool, CheckpointReader, DistcpWriter, WrittenChunk, common_state_bytes,
+                      write_metadata)
+from .units import Unit, assign_units, unit_cost
+
+MIB = float(1 << 20)
+
+
+# --------------------------------------------------------------------------------------------
+# Process group (optional) and collectives that degrade to no-ops for one plain process
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_group(opts: MergeOptions) -> bool:
+    from ..runtime.distributed import read_launch_env
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    centroids = opts.router_init == "centroid" and opts.centroids is None
+    return centroids or read_launch_env().world_size > 1
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+def run_merge(opts: MergeOptions) -> Path:
+    """Merge on every process of the (possibly just started) process group; returns the output."""
+    group = contextlib.nullcontext()
+    if _needs_group(opts):
+        from ..runtime.distributed import tool_process_group
+
+        group = tool_process_group()
+    with group:
+        rank, world = _rank_world()
+        result = None
+        if rank == 0:
+            try:
+                result = ("ok", prepare(opts))
+            except ValueError as exc:
+                result = ("error", str(exc))
+        result = _broadcast(result, world)
+        if result[0] == "error":
+            raise ValueError(result[1])
+        job: MergeJob = result[1]
+        if opts.router_init == "centroid" and opts.centroids is None:
+            centroids, info = compute_centroids(job.sources, opts, model_config)
+            opts = dataclasses.replace(opts, centroids=centroids, centroid_info=info)
+        return _write_output(job, opts, rank, world)
+
+
+def _write_output(job: MergeJob, opts: MergeOptions, rank: int, world: int) -> Path:
+    """Every process writes its slices into one staging directory that rank 0 completes and
+    publishes; a failure on any process removes it and is raised on every process."""
+    output = Path(opts.output)
+    made = None
+    if rank == 0:
+        try:
+            made = ("ok", str(fmt.staging_dir_for(output)))
+        except OSError as exc:
+            made = ("error", f"cannot create a staging directory next to --output {output}: {exc}")
+    made = _broadcast(made, world)
+    if made[0] == "error":
+        raise ValueError(made[1])
+    staging = Path(made[1])
+    iter_dir = fmt.iteration_dir(staging, 0)
+    owner = assign_units(job.units, world, [unit_cost(u, job.weights) for u in job.units])
+    mine = [u for u, r in zip(job.units, owner) if r == rank]
+    published = False
+    try:
+        if rank == 0:
+            iter_dir.mkdir()
+        _broadcast(None, world)  # the directory exists before anyone writes into it
+        chunks, stats, error = [], {}, None
+        try:
+            chunks, stats = _stream_units(mine, job, opts, iter_dir, rank, world)
+        except (OSError, ValueError) as exc:
+            error = ("user", f"rank {rank}: {exc}" if world > 1 else str(exc))
+        except Exception as exc:  # a bug: every process must still reach the exchange below
+            if world == 1:
+                raise
+            error = ("bug", f"rank {rank}: {type(exc).__name__}: {exc}")
+        outcomes = _all_gather((chunks, stats, error), world)
+        errors = [e for _, _, e in outcomes if e]
+        status = ("ok", "")
+        if errors:
+            status = ("bug" if any(kind == "bug" for kind, _ in errors) else "user", "; ".join(m for _, m in errors))
+        elif rank == 0:
+            try:
+                _finish(staging, iter_dir, [c for chunks_, _, _ in outcomes for c in chunks_], job, opts, world,
+                        [s for _, s, _ in outcomes])
+                published = True
+            except (OSError, ValueError) as exc:
+                status = ("user", f"could not publish {output}: {exc}")
+        kind, message = _broadcast(status, world)
+        if kind != "ok":
+            raise (RuntimeError if kind == "bug" else ValueError)(message)
+        return output
+    finally:
+        if rank == 0 and not published:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(staging: Path, iter_dir: Path, chunks: list[WrittenChunk], job: MergeJob, opts: MergeOptions,
+            world: int, stats: list[dict]) -> None:
+    write_metadata(iter_dir, chunks)
+    _manifest(job, opts, world).write(iter_dir)
+    fmt.mark_output(staging, TOOL)
+    fmt.write_text_atomic(staging / fmt.TRACKER, "0\n")
+    fmt.publish_directory(staging, opts.output, opts.overwrite)
+    if opts.progress:
+        seconds = max(s["seconds"] for s in stats)
+        moved = sum(s["read"] + s["written"] for s in stats)
+        print(f"[merge] read {sum(s['read'] for s in stats) / MIB:,.1f} MiB, wrote "
+              f"{sum(s['written'] for s in stats) / MIB:,.1f} MiB in {seconds:.2f} s "
+              f"({moved / MIB / max(seconds, 1e-9):,.1f} MiB/s) on {world} process(es) -> {opts.output}",
+              file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The data phase of one process
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """A unit's inputs, read by an IO thread: source slices, or the output filled in place."""
+
+    unit: Unit
+    sources: list[tuple[int, torch.Tensor]]  # (source index, slice)
+    out: torch.Tensor | None = None
+    ranges: list[tuple[int, int, int]] | None = None  # the output's bytes as source file ranges
+    nbytes: int = 0
+
+
+class _UnitLoader:
+    """Reads the source boxes of one unit (runs on an IO thread)."""
+
+    def __init__(self, job: MergeJob, readers: list[CheckpointReader], pool: BufferPool) -> None:
+        self.job, self.readers, self.pool = job, readers, pool
+
+    def __call__(self, u: Unit) -> _Loaded:
+        loaded = _Loaded(u, [])
+        for s_idx, (reader, w) in enumerate(zip(self.readers, self.job.weights)):
+            if not u.reads(w, s_idx):
+                continue
+            src_dtype = reader.tensors[u.src_key][1]
+            if u.source is not None and src_dtype == getattr(torch, u.dtype):
+                # A BTX expert: its source's slice is the output part ([1, ...] is the layer axis
+                # of the source box and the expert axis of the output part). Copied file to file
+                # when its bytes lie in whole rows in the source, else read in place.
+                loaded.ranges = reader.file_ranges(u.src_key, u.src_offsets(), u.shape)
+                if loaded.ranges is not None:
+                    loaded.nbytes += sum(length for _, _, length in loaded.ranges)
+                    continue
+                loaded.out = dest = self.pool.get(u.shape, src_dtype)
+            else:
+                buf = self.pool.get(u.src_shape, src_dtype)
+                loaded.sources.append((s_idx, buf))
+                dest = buf.unsqueeze(0) if u.layer is not None else buf
+            loaded.nbytes += reader.read(u.src_key, u.src_offsets(), dest)
+        return loaded
+
+
+def _compute(loaded: _Loaded, job: MergeJob, opts: MergeOptions, pool: BufferPool) -> torch.Tensor:
+    u, dtype = loaded.unit, getattr(torch, loaded.unit.dtype)
+    if u.kind == "router":
+        num_experts, hidden = u.shape
+        return router_weight(opts.router_init, num_experts, hidden, u.layer, std=job.init_method_std,
+                             seed=opts.router_seed, plan=job.plan, centroids=opts.centroids, dtype=dtype)
+    if u.kind == "avg":
+        weights = [job.weights[i] for i, _ in loaded.sources]
+        return core.average_into(pool.get(u.shape, dtype), [t for _, t in loaded.sources], weights)
+    if loaded.out is not None:
+        return loaded.out
+    if u.source is not None:  # a BTX expert in another dtype
+        return loaded.sources[0][1].to(dtype).unsqueeze(0)
+    out = pool.get(u.shape, dtype)
+    for s_idx, t in loaded.sources:  # in source order (blend's bias is zeroed by source 0)
+        core.fill_experts(job.plan, u.kind, s_idx, t.to(dtype), out, layer=u.layer or 0)
+    return out
+
+
+def _stream_units(mine: list[Unit], job: MergeJob, opts: MergeOptions, iter_dir: Path, rank: int,
+                  world: int) -> tuple[list[WrittenChunk], dict]:
+    """Read, compute and write this process's units with IO overlapped; returns the written
+    chunks and the figures of the data phase (seconds, bytes read, bytes written)."""
+    start = time.perf_counter()
+    budget = opts.max_inflight_mib << 20
+    readers = [CheckpointReader(s.ckpt_dir, _dcp_metadata(s), s.label) for s in job.sources]
+    # The budget is shared out: a quarter for slices read ahead, a quarter for slices waiting to
+    # be written, half for idle buffers kept for reuse.
+    writer = DistcpWriter(iter_dir, rank, max_pending_bytes=budget // 4)
+    pool = BufferPool(budget // 2)
+    progress = Progress("merge", sum(unit_cost(u, job.weights) for u in mine), enabled=opts.progress and rank == 0)
+    stats = {"read": 0, "written": 0, "detail": f"rank 0 of {world}" if world > 1 else ""}
+    try:
+        if rank == 0:
+            writer.add_bytes(COMMON_STATE_KEY, common_state_bytes({"iteration": 0, "consumed_samples": 0}))
+        load = _UnitLoader(job, readers, pool)
+        with ThreadPoolExecutor(opts.io_threads, thread_name_prefix="merge-read") as executor:
+            pending: collections.deque = collections.deque()
+            ahead = 0  # bytes of units submitted for reading and not yet handed to the writer
+            for u in mine:
+                pending.append((executor.submit(load, u), unit_cost(u, job.weights)))
+                ahead += pending[-1][1]
+                while pending and (ahead >= budget // 4 or len(pending) > 4 * opts.io_threads):
+                    ahead -= _drain_one(pending, job, opts, writer, pool, progress, stats)
+            while pending:
+                ahead -= _drain_one(pending, job, opts, writer, pool, progress, stats)
+        chunks = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for r in readers:
+            r.close()
+    progress.finish(stats["detail"])
+    return chunks, {"seconds": time.perf_counter() - start, "read": stats["read"], "written": writer.bytes_written}
+
+
+def _drain_one(pending: collections.deque, job: MergeJob, opts: MergeOptions, writer: DistcpWriter,
+               pool: BufferPool, progress: Progress, stats: dict) -> int:
+    """Compute the oldest read unit and hand it to the writer; returns its cost."""
+    future, cost = pending.popleft()
+    loaded = future.result()
+    u = loaded.unit
+    chunk_shape = (1, *u.shape) if u.layer is not None else u.shape
+    if loaded.ranges is not None:
+        writer.add_file_ranges(u.out_key, u.offsets(), chunk_shape, getattr(torch, u.dtype), loaded.ranges,
+                               u.global_shape)
+    else:
+        out = _compute(loaded, job, opts, pool)
+        for _, t in loaded.sources:  # read, used, no longer referenced
+            if t is not out:
+                pool.put(t)
+        writer.add_tensor(u.out_key, u.offsets(), out.view(chunk_shape), u.global_shape, release=pool.put)
+    stats["read"] += loaded.nbytes
+    progress.update(loaded.nbytes + u.nbytes, detail=stats["detail"])
+    return cost
+
+
+def _dcp_metadata(src: Source):
+    from ..checkpoint.verify import dcp_metadata
+
+    return dcp_metadata(src.ckpt_dir)
+
+
+def _manifest(job: MergeJob, opts: MergeOptions, world: int) -> fmt.Manifest:
+    sources, plan = job.sources, job.plan
+    dtypes = {u.dtype for u in job.units}
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtypes.pop(), "fp32") \
+        if len(dtypes) == 1 else "mixed"
+    btx = {
+        "method": plan.method,
+        "expert_names": plan.expert_names([s.name for s in sources]),
+        "sources": [
+            {"name": s.name, "flag": s.flag, "path": str(s.path), "checkpoint_dir": s.ckpt_dir,
+             "iteration": s.iteration, "content_hash": s.content_hash,
+             "consumed_samples": s.manifest.get("consumed_samples")}
+            for s in sources
+        ],
+        "averaging_weights": {s.name: w / sum(job.weights) for s, w in zip(sources, job.weights)},
+        "router_init": opts.router_init,
+        "router_seed": opts.router_seed,
+        "split_experts": plan.split if plan.method == "split" else None,
+        "split_scale": plan.split_scale if plan.method == "split" else None,
+        "split_scales_applied": list(plan.scales()) if plan.method == "split" else None,
+        "upcycle_noise": opts.upcycle_noise if plan.method == "upcycle" else None,
+        "recommended_topk": job.recommended_topk,
+        "tool": TOOL,
+        "tool_version": __version__,
+        "merge_world_size": world,
+    }
+    if opts.router_init == "centroid" and opts.centroid_info:
+        btx["centroid"] = opts.centroid_info
+    return fmt.Manifest(model=job.model, tool=f"btx_megatron {__version__} {TOOL}", precision=precision,
+                        extra={"btx": btx})
+
+
+__all__ = ["run_merge"]

@@ -1,0 +1,120 @@
+"""Sweeps: configurations x seeds from a sweep file, shared runs reused across configurations,
+and the mean ± std table (no training here: the planning and aggregation are checked directly;
+the end-to-end test runs a real second configuration)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from btx_megatron.config.experiment import ExperimentError
+from btx_megatron.config.experiment_file import apply_overrides, parse_experiment
+from btx_megatron.experiment.state import Check, StageRunner, State
+from btx_megatron.experiment.sweep import format_table, load_sweep, own_expert_share, summarize, write_sweep_report
+from btx_megatron.launch.plan import plan_runs
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = ROOT / "examples" / "tiny" / "experiment.yaml"
+
+
+def _sweep_file(tmp_path, **doc) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"experiment": str(EXPERIMENT), "output": str(tmp_path / "out"), **doc},
+                                   sort_keys=False))
+    return path
+
+
+def test_configurations_times_grid_times_seeds(tmp_path):
+    sweep = load_sweep(_sweep_file(
+        tmp_path, seeds=[1, 2], base={"evaluation.eval_iters": 2},
+        configurations={"paper": {}, "centroid": {"merge.router_init": "centroid"}},
+        grid={"mix.train_iters": [100, 300]}))
+    assert list(sweep.configurations) == ["paper+train_iters=100", "paper+train_iters=300",
+                                          "centroid+train_iters=100", "centroid+train_iters=300"]
+    assert sweep.configurations["centroid+train_iters=300"] == {
+        "evaluation.eval_iters": 2, "merge.router_init": "centroid", "mix.train_iters": 300}
+    runs = sweep.runs()
+    assert len(runs) == 8
+    name, seed, overrides = runs[1]
+    assert (name, seed) == ("paper+train_iters=100", 2)
+    assert overrides["branch_defaults.train.seed"] == 2 and overrides["merge.router_seed"] == 2
+    assert overrides["output_dir"].endswith("out/paper+train_iters=100-s2")
+    assert overrides["shared_runs_dir"].endswith("out/runs")
+    with pytest.raises(ExperimentError, match="unknown sweep key"):
+        load_sweep(_sweep_file(tmp_path, grids={}))
+    with pytest.raises(ExperimentError, match="seeds must be a list of integers"):
+        load_sweep(_sweep_file(tmp_path, seeds="1"))
+
+
+def test_configurations_that_differ_in_the_mix_share_seed_and_branches(tmp_path, monkeypatch):
+    monkeypatch.setenv("BTX_DATA_DIR", str(tmp_path / "data"))
+    sweep = load_sweep(_sweep_file(tmp_path, configurations={"a": {}, "b": {"mix.train_iters": 30},
+                                                             "c": {"branch_defaults.train.lr": 3e-4}}))
+    raw = yaml.safe_load(EXPERIMENT.read_text())
+    plans = {}
+    for name, seed, overrides in sweep.runs():
+        exp = parse_experiment(apply_overrides(raw, overrides), str(EXPERIMENT))
+        exp.model["vocab_size"] = 1000  # no tokenizer on disk here
+        plans[name] = plan_runs(exp)
+    a, b, c = plans["a"], plans["b"], plans["c"]
+    for run in ("seed", "math", "code", "wiki"):
+        assert a[run].run_dir == b[run].run_dir and a[run].run_dir.parent == tmp_path / "out" / "runs"
+        assert a[run].config.checkpoint.save == str(a[run].save_dir)
+    assert a["math"].init_checkpoint == str(a["seed"].save_dir)
+    assert a["mix"].run_dir != b["mix"].run_dir  # the mix phase differs, so does its run
+    # Another branch LR: the same seed, other branches.
+    assert c["seed"].run_dir == a["seed"].run_dir and c["math"].run_dir != a["math"].run_dir
+
+
+def test_a_shared_finished_run_is_adopted_not_rebuilt(tmp_path):
+    runner = StageRunner(State(tmp_path / "stages.json"), {"branches"}, echo=lambda _: None)
+    built = []
+    fp = runner.ensure("branch:math", "branches", ["--lr", "1"], {}, lambda: Check(True, fingerprint={"x": "1"},
+                                                                                  adoptable=True),
+                       lambda check: built.append(1))
+    assert built == [] and fp == {"x": "1"}
+    record = json.loads((tmp_path / "stages.json").read_text())["stages"]["branch:math"]
+    assert record["status"] == "done" and record["adopted"] is True
+    # Not adoptable (not a content-addressed run): present outputs are rebuilt, as before.
+    runner.ensure("branch:code", "branches", ["--lr", "1"], {}, lambda: Check(True, fingerprint={"x": "2"}),
+                  lambda check: built.append(2))
+    assert built == [2]
+
+
+def _result(ppl: dict[str, float]) -> dict:
+    return {"models": list(ppl), "rows": [{"average_ppl": v} for v in ppl.values()],
+            "shape_checks": {"BTX beats dense on the average": ppl["btx"] < ppl["dense"]}}
+
+
+def test_table_is_mean_and_std_over_seeds(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, seeds=[1, 2], configurations={"a": {}, "b": {"mix.train_iters": 30}}))
+    results = {"a": {1: _result({"seed": 14.0, "dense": 12.0, "upcycling": 13.0, "btm": 12.5, "btx": 11.0}),
+                     2: _result({"seed": 14.0, "dense": 12.0, "upcycling": 13.0, "btm": 12.5, "btx": 13.0})},
+               "b": {1: _result({"seed": 14.0, "dense": 11.0, "upcycling": 13.0, "btm": 12.5, "btx": 12.0})}}
+    summary = summarize(sweep, results, {"b-s2": "boom"})
+    a = summary["rows"]["a"]
+    assert a["models"]["btx"] == {"mean": 12.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert a["BTX - dense"]["mean"] == 0.0 and a["BTX - upcycling"]["mean"] == -1.0
+    assert a["BTX - BTM"]["mean"] == pytest.approx(-0.5)
+    assert a["claims_held"] == {"BTX beats dense on the average": 1}
+    assert summary["rows"]["b"]["BTX - dense"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    table = format_table(summary)
+    assert ("| a | 14.00 ± 0.00 | 12.00 ± 0.00 | 13.00 ± 0.00 | 12.50 ± 0.00 | 12.00 ± 1.41 | 0.00 ± 1.41 | "
+            "-1.00 ± 1.41 | -0.50 ± 1.41 |") in table
+    sweep.output.mkdir(parents=True)
+    write_sweep_report(sweep, summary)
+    text = (sweep.output / "sweep.md").read_text()
+    assert "b-s2 failed" in text and (sweep.output / "btx_minus_dense_configuration.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_own_expert_share_counts_split_experts_as_their_domain():
+    routing = {"expert_names": ["math.0", "math.1", "code", "seed"], "domains": {
+        "math": {"layers": {"1": {"token_fraction": [0.2, 0.2, 0.3, 0.3]}, "2": {"token_fraction": [0.3, 0.2, 0.2, 0.3]}}},
+        "code": {"layers": {"1": {"token_fraction": [0.1, 0.1, 0.5, 0.3]}}},
+        "wiki": {"layers": {"1": {"token_fraction": [0.25, 0.25, 0.25, 0.25]}}}}}
+    share = own_expert_share(routing)
+    assert share["math"] == {"1": pytest.approx(0.4), "2": pytest.approx(0.5), "mean": pytest.approx(0.45)}
+    assert share["code"]["mean"] == pytest.approx(0.5) and "wiki" not in share
