@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.btx-installed
 
-.PHONY: install run test test-fast bench clean-runs
+.PHONY: install run test test-fast test-slow bench clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -21,9 +21,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python tools/run_experiment.py examples/tiny/experiment.yaml
 
-# The test suite: CPU, gloo, several processes per parallel layout.
+# The test suite: CPU, gloo, several processes per parallel layout (without the slow tier).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The slow tier: longer end-to-end checks and the random fault-injection campaign.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m slow tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/data

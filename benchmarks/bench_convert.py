@@ -1,56 +1,29 @@
-"""Hugging Face conversion throughput and peak memory (CPU).
+"""Hugging Face conversion throughput and peak memory (CPU), whole commands side by side.
 
-    python benchmarks/bench_convert.py                       # 4 and 8 layers, hidden 512
-    python benchmarks/bench_convert.py --layers 4 8 16 --hidden-size 1024 --dtype bfloat16
+    python benchmarks/bench_convert.py                       # 4 and 8 layers, hidden 512, fp32
+    python benchmarks/bench_convert.py --layers 12 24 --hidden-size 1024 --ffn-hidden-size 2816 \
+        --num-attention-heads 16 --num-query-groups 16 --vocab-size 32000 --dtype bfloat16
 
 For each depth: a synthetic Llama directory (random weights, safetensors shards) is converted
-with ``tools/convert_hf.py import`` and the result exported again with ``export``, each in a
-fresh process whose wall time and peak RSS (ru_maxrss) are measured. The baseline is a plain
-copy of the same weight files, and the RSS of a process that only imports the libraries.
-Expected shape: export peak RSS flat in the number of layers (it streams one layer at a
-time); import holds one copy of the model (grows with layers).
+with ``tools/convert_hf.py import`` and the result exported again with ``export``; each
+repetition runs import, export and a plain user-space copy of the weight files (read + write +
+fsync) one after the other, each as its own process, measured as in
+``bench_merge_peer.py`` (wall with start-up, CPU, peak RSS of the process). Median of
+``--repeat``. Both conversions stream (one slice at a time), so peak RSS should stay flat in the
+number of layers (it is the process baseline, torch's libraries, plus a few slices).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _worker(argv: list[str]) -> None:
-    """Run one conversion (or only the imports) in this process; print time and peak RSS."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import convert_hf
-    import megatron.core  # noqa: F401
-    import torch  # noqa: F401
-
-    from btx_megatron.convert import hf_export, hf_import  # noqa: F401
-    from btx_megatron.models import build_model_chunks  # noqa: F401
-
-    # Timed: the conversion itself (library imports are done above, as in any long-lived process).
-    start = time.perf_counter()
-    if argv != ["noop"]:
-        rc = convert_hf.main(argv)
-        assert rc == 0, rc
-    seconds = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "max_rss_mb": rss_mb}))
-
-
-def _run(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *argv], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def make_llama(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
@@ -116,18 +89,10 @@ def _write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def _copy_seconds(src: Path, dst: Path) -> float:
-    dst.mkdir()
-    start = time.perf_counter()
-    for f in sorted(src.glob("*.safetensors")):
-        shutil.copyfile(f, dst / f.name)
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2:])
-        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_merge_peer import _run
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--hidden-size", type=int, default=512)
@@ -137,41 +102,49 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--shard-mb", type=int, default=50, help="Shard size of the input and the export.")
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
     args = parser.parse_args()
 
     scratch = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     scratch.mkdir(parents=True, exist_ok=True)
-    base = _run(["noop"])
-    print(f"baseline process (imports only): peak RSS {base['max_rss_mb']:.0f} MB")
+    tool = str(ROOT / "tools" / "convert_hf.py")
     rows = []
     try:
         for layers in args.layers:
             d = scratch / f"L{layers}"
             nbytes = make_llama(d / "hf", layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
                                 args.num_query_groups, args.vocab_size, args.dtype, args.shard_mb * 10**6)
-            copy_s = _copy_seconds(d / "hf", d / "copy")
-            imp = _run(["import", "--hf-dir", str(d / "hf"), "--output", str(d / "ckpt"), "--no-progress"])
-            exp = _run(["export", "--load", str(d / "ckpt"), "--output", str(d / "out"), "--no-progress",
-                        "--max-shard-size", f"{args.shard_mb}MB"])
-            mb = nbytes / 1e6
-            rows.append((layers, mb, mb / copy_s, mb / imp["seconds"], mb / exp["seconds"],
-                         imp["max_rss_mb"], exp["max_rss_mb"]))
+            cmds = {
+                "import": [sys.executable, tool, "import", "--hf-dir", str(d / "hf"), "--output", str(d / "ckpt"),
+                           "--overwrite", "--no-progress"],
+                "export": [sys.executable, tool, "export", "--load", str(d / "ckpt"), "--output", str(d / "out"),
+                           "--overwrite", "--no-progress", "--max-shard-size", f"{args.shard_mb}MB"],
+                "copy": [sys.executable, str(ROOT / "benchmarks" / "bench_merge_peer.py"), "--copy", str(d / "hf"),
+                         str(d / "copy")],
+            }
+            runs = {name: [] for name in cmds}
+            _run(cmds["import"], d / "setup_import.log")  # the export needs a checkpoint
+            for rep in range(args.repeat):
+                for name, argv in cmds.items():
+                    shutil.rmtree(d / "copy", ignore_errors=True)
+                    runs[name].append(_run(argv, d / f"{name}_{rep}.log"))
+            med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "peak_mib")}
+                   for n, rs in runs.items()}
+            rows.append((layers, nbytes / 1e6, med))
             shutil.rmtree(d)
     finally:
         if args.workdir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    print("(throughput = weight bytes / wall time of the conversion call; library imports excluded, "
-          "model build, process-group set-up and the checkpoint save included)")
-    print(f"{'layers':>6} {'MB':>8} {'copy MB/s':>10} {'import MB/s':>12} {'export MB/s':>12} "
-          f"{'import RSS MB':>14} {'export RSS MB':>14}")
-    for r in rows:
-        print(f"{r[0]:>6} {r[1]:>8.1f} {r[2]:>10.1f} {r[3]:>12.1f} {r[4]:>12.1f} {r[5]:>14.0f} {r[6]:>14.0f}")
-    if len(rows) >= 2:
-        (l0, *_, e0), (l1, *_, e1) = rows[0], rows[-1]
-        i0, i1 = rows[0][5], rows[-1][5]
-        print(f"export peak RSS {l0} -> {l1} layers: {e0:.0f} -> {e1:.0f} MB ({e1 - e0:+.0f} MB); "
-              f"import: {i0:.0f} -> {i1:.0f} MB ({i1 - i0:+.0f} MB)")
+    print(f"(median of {args.repeat}; wall = whole command incl. start-up; MB/s = 2 x weight bytes (read + "
+          "written) / wall; RSS = peak of the process)")
+    print(f"{'layers':>6} {'MB':>8} | {'copy s':>7} {'MB/s':>6} | {'import s':>8} {'CPU s':>6} {'MB/s':>6} "
+          f"{'RSS MiB':>8} | {'export s':>8} {'CPU s':>6} {'MB/s':>6} {'RSS MiB':>8}")
+    for layers, mb, m in rows:
+        c, i, e = m["copy"], m["import"], m["export"]
+        print(f"{layers:>6} {mb:>8.1f} | {c['wall']:>7.2f} {2 * mb / c['wall']:>6.0f} | {i['wall']:>8.2f} "
+              f"{i['cpu']:>6.2f} {2 * mb / i['wall']:>6.0f} {i['peak_mib']:>8.0f} | {e['wall']:>8.2f} "
+              f"{e['cpu']:>6.2f} {2 * mb / e['wall']:>6.0f} {e['peak_mib']:>8.0f}")
 
 
 if __name__ == "__main__":

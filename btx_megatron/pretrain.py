@@ -74,7 +74,9 @@ def dry_run_plan(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--dry-run" in argv:
+    from btx_megatron.training.memory import wants_dry_run
+
+    if wants_dry_run(argv):
         return run_entrypoint(lambda: print(dry_run_plan(argv)))
     return run_entrypoint(lambda: run(parse_config(argv)[0], argv))
 

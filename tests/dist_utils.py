@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from btx_megatron.runtime.distributed import free_port
 
 
 def _worker(rank, world_size, port, fn, args, kwargs, out_dir):

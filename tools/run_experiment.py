@@ -7,6 +7,7 @@ evaluation, routing heatmaps and the results table.
     python tools/run_experiment.py EXP.yaml --set mix.train_iters=300 --set branch_defaults.train.lr=3e-4
     python tools/run_experiment.py EXP.yaml --overrides small.yaml                # many --set at once
     python tools/run_experiment.py EXP.yaml --router-variants sample-top1 soft    # more BTX rows
+    python tools/run_experiment.py EXP.yaml --stages grow                          # + a domain, - a domain
 
 Re-running continues: finished stages whose outputs still validate are reused (OUT/stages.json);
 a damaged or incomplete output is rebuilt. SIGTERM/SIGINT reach the running stage, which saves
@@ -22,7 +23,7 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from btx_megatron.experiment import STAGE_GROUPS, STAGES
+    from btx_megatron.experiment import OPTIONAL_STAGES, STAGE_GROUPS, STAGES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("experiment", help="experiment YAML file (e.g. examples/tiny/experiment.yaml)")
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="corpora directory (sets BTX_DATA_DIR for the experiment file)")
     p.add_argument("--stages", nargs="+", metavar="STAGE",
                    help=f"run only these stages ({', '.join(STAGES)}; {', '.join(STAGE_GROUPS)}); "
-                        "the others must already be up to date")
+                        "the others must already be up to date. Optional, run only when named: "
+                        f"{', '.join(OPTIONAL_STAGES)} (grow: add a fourth domain to the finished BTX model "
+                        "and remove domains again, btx_megatron/experiment/grow.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="overrides",
                    help="override one value of the experiment file (YAML value; domains by name: "
                         "domains.math.train_iters=100); repeatable")
@@ -69,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                                  overrides=overrides_from_args(args), stages=args.stages,
                                  max_concurrent=args.max_concurrent, router_variants=args.router_variants)
         pipeline.run()
-    except (ValueError, PipelineError) as exc:
+    except ValueError as exc:  # a user error (the experiment file, --set, --output): nothing was run
+        print(f"run_experiment: error: {exc}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
         print(f"run_experiment: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 FAULT_POINT_ENV = "BTX_FAULT_POINT"
 FAULT_ACTION_ENV = "BTX_FAULT_ACTION"
@@ -42,12 +42,16 @@ def fault_point(name: str, iteration: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_atomic(path: str | os.PathLike, content: str | bytes | Iterable[str]) -> None:
+    """Write ``content`` (text, bytes, or text chunks streamed from an iterable) to a temporary
+    sibling, fsync it, and rename it onto ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    binary = isinstance(content, bytes)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            for chunk in [content] if isinstance(content, (str, bytes)) else content:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         fault_point(f"write-{path.name}")
@@ -55,6 +59,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, text)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

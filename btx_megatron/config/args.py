@@ -84,6 +84,13 @@ def build_parser(description: str = "btx-megatron pretraining") -> argparse.Argu
     return parser
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: ``line L, column C: problem`` (PyYAML's own text spans lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or ["unreadable"])[0]
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else "") + problem
+
+
 def _yaml_to_sections(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     lookup = {}
     for section, section_cls in SECTIONS.items():
@@ -132,7 +139,7 @@ def parse_options(argv: Sequence[str] | None = None, description: str = "btx-meg
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"--config {path} is not valid YAML: {exc}") from None
+            raise ValueError(f"--config {path} is not valid YAML ({yaml_problem(exc)}); fix the file.") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {path}: expected a mapping of options.")
         values = _yaml_to_sections(loaded, str(path))

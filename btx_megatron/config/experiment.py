@@ -211,8 +211,12 @@ class CorporaSpec:
 class EvaluationSpec:
     eval_iters: int = 8
     domains: dict[str, str] = field(default_factory=dict)  # default: each domain's eval_data
+    tasks: bool = True
+    """Downstream accuracy on the built-in tasks (built-in corpora only): every model, per domain."""
+    task_items: int = 40
+    """Items per built-in task."""
 
-    KEYS = ("eval_iters", "domains")
+    KEYS = ("eval_iters", "domains", "tasks", "task_items")
 
 
 @dataclass

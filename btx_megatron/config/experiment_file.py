@@ -25,6 +25,7 @@ from .experiment import (
     CorporaSpec, DenseBaselineSpec, Domain, EvaluationSpec, Experiment, ExperimentError, Launch, MergeSpec, MixSpec,
     SeedSpec, SlurmSpec, StageOptions, UpcyclingBaselineSpec,
 )
+from .args import yaml_problem
 from .blend import parse_blend
 from .schema import SECTIONS
 
@@ -375,6 +376,8 @@ def _parse(raw: Any, source: str) -> Experiment:
     evaluation = EvaluationSpec(
         eval_iters=_positive_int(ev.get("eval_iters", 8), "evaluation.eval_iters"),
         domains={k: _path(v, f"evaluation.domains.{k}") for k, v in (ev.get("domains") or {}).items()},
+        tasks=_bool(ev.get("tasks", True), "evaluation.tasks"),
+        task_items=_positive_int(ev.get("task_items", 40), "evaluation.task_items"),
     )
     exp = Experiment(
         name=name, output_dir=_path(data["output_dir"], "output_dir"), source=source,
@@ -416,7 +419,7 @@ def read_experiment_document(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ExperimentError(f"{p}: not valid YAML: {exc}") from None
+        raise ExperimentError(f"{p}: not valid YAML ({yaml_problem(exc)}); fix the file.") from None
     if not isinstance(raw, dict):
         raise ExperimentError(f"{p}: expected a mapping at the top level.")
     return raw
@@ -431,7 +434,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise ExperimentError(f"--set {text!r}: the value is not valid YAML ({exc}).") from None
+        raise ExperimentError(f"--set {text!r}: the value is not valid YAML ({yaml_problem(exc)}).") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,23 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _require_positive(section: Any, names: tuple[str, ...], *, optional: tuple[str, ...] = (),
+                      at_least_zero: tuple[str, ...] = ()) -> None:
+    """Numeric options that must be > 0 (``optional``: also None, the derived default) or >= 0
+    (``at_least_zero``); a zero here would otherwise end in a division by zero (or SIGFPE) deep
+    inside model construction."""
+    for name in names + optional + at_least_zero:
+        value = getattr(section, name)
+        if value is None and name in optional:
+            continue
+        default = section.__dataclass_fields__[name].default
+        hint = f" (default {default})" if default is not None else " (or leave it out for the default)"
+        if name in at_least_zero:
+            _require(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}{hint}.")
+        else:
+            _require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}{hint}.")
+
+
 ROUTER_TYPES = ("topk", "switch", "sample-top1", "soft")
 
 
@@ -109,6 +126,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.num_layers > 0, "--num-layers must be positive.")
         _require(self.hidden_size > 0, "--hidden-size must be positive.")
+        _require_positive(self, ("num_attention_heads", "seq_length", "make_vocab_size_divisible_by", "norm_epsilon",
+                                 "rotary_base"),
+                          optional=("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings",
+                                    "vocab_size"))
+        _require(0 < self.rotary_percent <= 1, f"--rotary-percent must be in (0, 1], got {self.rotary_percent}.")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0 <= getattr(self, name) < 1,
+                     f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}.")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_query_groups is None:
@@ -231,6 +256,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1.")
+        _require_positive(self, ("distributed_timeout_minutes",))
         if self.expert_tensor_parallel_size is None:
             self.expert_tensor_parallel_size = self.tensor_model_parallel_size
         _require(
@@ -322,6 +348,11 @@ class TrainConfig:
         _require(self.spiky_loss_factor == 0 or self.spiky_loss_factor > 1,
                  f"--spiky-loss-factor {self.spiky_loss_factor}: use a factor above 1 (or 0 to disable).")
         _require(self.spiky_loss_window >= 1, "--spiky-loss-window must be at least 1.")
+        _require_positive(self, ("adam_eps", "recompute_num_layers"), optional=("global_batch_size", "lr_decay_iters"),
+                          at_least_zero=("lr_warmup_iters", "clip_grad", "weight_decay"))
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, name) < 1,
+                     f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}.")
 
 
 @dataclass
@@ -389,6 +420,7 @@ class CheckpointConfig:
         _require(
             self.save_interval is None or self.save_interval > 0, "--save-interval must be positive."
         )
+        _require_positive(self, (), optional=("exit_interval",))
 
 
 @dataclass
@@ -402,6 +434,10 @@ class LoggingConfig:
     peak_tflops: float | None = flag(
         None, "Peak dense TFLOP/s per device for MFU (default: H100/H200 bf16 989; CPU: measured)."
     )
+
+    def __post_init__(self) -> None:
+        _require_positive(self, ("log_interval",), optional=("eval_interval", "peak_tflops"),
+                          at_least_zero=("eval_iters",))
 
 
 SECTIONS = {

@@ -118,6 +118,8 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        weights.close()
     if progress:
         print(f"[import] {arch} -> {output} ({bar.bytes / 1e6:.1f} MB in {bar.seconds:.1f} s)", flush=True)
     return output

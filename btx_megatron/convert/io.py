@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,12 +19,73 @@ TOKENIZER_FILES = (
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """Tensors of one ``.safetensors`` file, read one by one with positional reads.
+
+    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+    byte range) and the raw bytes. Reading with ``pread`` into a fresh tensor (instead of
+    memory-mapping the file, as ``safetensors.safe_open`` does) keeps the file's pages out of the
+    process: a streaming import's memory stays a few tensors, not the model.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a valid safetensors file ({exc}).") from exc
+        header.pop("__metadata__", None)
+        self.base = 8 + size
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            shape = tuple(info.get("shape", ()))
+            start, end = info.get("data_offsets", (0, -1))
+            if dtype is None or end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} has an unsupported dtype {info.get('dtype')!r} or a "
+                                 "byte range that does not match its shape.")
+            self.entries[name] = (dtype, shape, self.base + start, end - start)
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        from ..merge.storage import pread_into, tensor_bytes
+
+        dtype, shape, offset, nbytes = self.entries[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = torch.empty(shape, dtype=dtype)
+        if nbytes:
+            pread_into(self._fd, tensor_bytes(out), offset, f"{self.path} ({name})")
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class HFWeights:
     """Lazy access to the tensors of a Hugging Face model directory.
 
     Accepts ``model.safetensors``, ``model.safetensors.index.json`` + shards,
     ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` + shards. Only one ``.bin`` shard
-    is held at a time (memory-mapped); safetensors are read tensor by tensor.
+    is held at a time (memory-mapped); safetensors are read tensor by tensor
+    (:class:`SafetensorsFile`).
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
@@ -59,11 +121,9 @@ class HFWeights:
             return list(self._safetensors(filename).keys())
         return list(self._load_bin(filename).keys())
 
-    def _safetensors(self, filename: str):
-        from safetensors import safe_open
-
+    def _safetensors(self, filename: str) -> SafetensorsFile:
         if filename not in self._handles:
-            self._handles[filename] = safe_open(str(self.dir / filename), framework="pt")
+            self._handles[filename] = SafetensorsFile(self.dir / filename)
         return self._handles[filename]
 
     def _load_bin(self, filename: str) -> dict[str, torch.Tensor]:
@@ -76,10 +136,15 @@ class HFWeights:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._bin = None
+
     def shape(self, name: str) -> tuple[int, ...]:
         filename = self.weight_map[name]
         if filename.endswith(".safetensors"):
-            return tuple(self._safetensors(filename).get_slice(name).get_shape())
+            return self._safetensors(filename).shape(name)
         return tuple(self._load_bin(filename)[name].shape)
 
     def get(self, name: str) -> torch.Tensor:
@@ -87,7 +152,9 @@ class HFWeights:
             raise ValueError(f"--hf-dir {self.dir}: tensor {name} is missing from the weights/index.")
         filename = self.weight_map[name]
         if filename.endswith(".safetensors"):
-            return self._safetensors(filename).get_tensor(name)
+            if name not in self._safetensors(filename).entries:
+                raise ValueError(f"--hf-dir {self.dir}: the index maps {name} to {filename}, which lacks it.")
+            return self._safetensors(filename).get(name)
         if name not in self._load_bin(filename):
             raise ValueError(f"--hf-dir {self.dir}: the index maps {name} to {filename}, which lacks it.")
         return self._bin[name]

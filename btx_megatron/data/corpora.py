@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from btx_megatron.checkpoint.io import write_atomic, write_json_atomic
 from btx_megatron.data.math_problems import math_documents
 
 DOMAINS = ("math", "code", "wiki")
@@ -315,18 +316,6 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: str, lines: Iterator[str]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, payload: dict) -> None:
-    _atomic_write_text(path, [json.dumps(payload, indent=2, sort_keys=True) + "\n"])
-
-
 def _log(message: str) -> None:
     print(f"[build_corpora] {message}", file=sys.stderr, flush=True)
 
@@ -390,7 +379,7 @@ def _train_tokenizer(cfg: CorporaConfig, pools: dict[str, _Pool]) -> str:
     tok_dir = os.path.join(cfg.output, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     sample_path = os.path.join(tok_dir, "sample.txt")
-    _atomic_write_text(sample_path, _tokenizer_sample(pools, cfg.tokenizer_sample_chars))
+    write_atomic(sample_path, _tokenizer_sample(pools, cfg.tokenizer_sample_chars))
     record_path = os.path.join(tok_dir, "train_record.json")
     model_path = os.path.join(tok_dir, "tokenizer.model")
     record = {
@@ -417,7 +406,7 @@ def _train_tokenizer(cfg: CorporaConfig, pools: dict[str, _Pool]) -> str:
         )
     )
     record["model_sha256"] = sha256_file(model_path)
-    _atomic_write_json(record_path, record)
+    write_json_atomic(record_path, record)
     _log(f"trained tokenizer ({cfg.vocab_size} pieces) in {time.perf_counter() - start:.1f}s: {model_path}")
     return model_path
 
@@ -485,7 +474,7 @@ def build_corpora(cfg: CorporaConfig) -> dict:
         for split in SPLITS:
             jsonl_rel = f"jsonl/{domain}_{split}.jsonl"
             jsonl_path = os.path.join(cfg.output, jsonl_rel)
-            _atomic_write_text(jsonl_path, (json.dumps(d, ensure_ascii=False) + "\n" for d in chosen[split]))
+            write_atomic(jsonl_path, (json.dumps(d, ensure_ascii=False) + "\n" for d in chosen[split]))
             jsonl_sha = sha256_file(jsonl_path)
             prefix_rel = f"data/{domain}_{split}"
             prefix = os.path.join(cfg.output, prefix_rel)
@@ -533,7 +522,7 @@ def build_corpora(cfg: CorporaConfig) -> dict:
         "stdlib": stdlib_dir(),
         "build_seconds": round(time.perf_counter() - start, 1),
     }
-    _atomic_write_json(manifest_path, manifest)  # last: its presence means the build completed
+    write_json_atomic(manifest_path, manifest)  # last: its presence means the build completed
     _log(f"done in {manifest['build_seconds']}s: {manifest_path}")
     return manifest
 
@@ -544,3 +533,211 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra domains: a new domain built into an existing corpora directory.
+#
+# A new domain arrives after the BTX model exists (growing it by one expert), so its text is
+# tokenized with the corpora's existing tokenizer: the vocabulary is fixed. The three-domain build
+# above is not touched; the extra domain writes DIR/data/NAME_{train,valid}, DIR/jsonl/NAME_*.jsonl
+# and its own manifest DIR/extra_domains/NAME.json (DIR/manifest.json is left as it is, so
+# everything that fingerprints it stays valid).
+#
+# ``headers``: C header files, distinct from the Python of ``code`` and from prose: libc and
+# kernel headers in /usr/include (every Debian with a C compiler has libc6-dev and
+# linux-libc-dev), the Python C API (sysconfig include dirs, python3.X-dev) and the compiler's own
+# headers (/usr/lib/gcc/*/*/include). C++ library headers are skipped. One document per file,
+# identical files kept once, each capped at a line boundary so a few huge generated headers
+# (GL, Vulkan) do not dominate. A machine with less text gives a smaller domain (down to
+# ``min_tokens``); the manifest records what was found.
+
+EXTRA_DOMAINS = ("headers",)
+EXTRA_CORPORA_VERSION = 1
+EXTRA_MANIFEST_DIR = "extra_domains"
+_MAX_HEADER_DOC_CHARS = 16_000
+_HEADER_SKIP_DIRS = {"c++"}
+
+
+def header_roots() -> list[str]:
+    """Directories searched for C headers, in order (the first copy of a file wins)."""
+    roots = ["/usr/include", "/usr/local/include"]
+    paths = sysconfig.get_paths()
+    roots += [paths.get("include"), paths.get("platinclude")]
+    roots += sorted(glob.glob("/usr/lib/gcc/*/*/include"))
+    seen, out = set(), []
+    for root in roots:
+        if root and os.path.isdir(root) and os.path.realpath(root) not in seen:
+            seen.add(os.path.realpath(root))
+            out.append(root)
+    return out
+
+
+def _header_files() -> list[str]:
+    files, seen = [], set()
+    for root in header_roots():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _HEADER_SKIP_DIRS)
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                real = os.path.realpath(path)
+                if name.endswith(".h") and real not in seen and os.path.isfile(real):
+                    seen.add(real)
+                    files.append(path)
+    return sorted(files)
+
+
+def _cap_at_line(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("\n", 0, limit)
+    return text[: cut + 1 if cut > 0 else limit]
+
+
+def header_documents(seed: int) -> Iterator[dict]:
+    """C headers in a seeded shuffle of the sorted file list, duplicates dropped."""
+    files = _header_files()
+    random.Random(f"btx-headers-{seed}").shuffle(files)
+    seen: set[bytes] = set()
+    for path in files:
+        text = _read_utf8(path)
+        if not text or len(text) < _MIN_DOC_CHARS:
+            continue
+        key = hashlib.sha1(text.encode()).digest()
+        if key in seen:
+            continue
+        seen.add(key)
+        yield {"text": _cap_at_line(text, _MAX_HEADER_DOC_CHARS), "source": path}
+
+
+def extra_domain_documents(domain: str, seed: int) -> Iterator[dict]:
+    if domain == "headers":
+        return header_documents(seed)
+    raise ValueError(f"unknown extra domain {domain!r}; the built-in extra domains are {', '.join(EXTRA_DOMAINS)}.")
+
+
+@dataclass
+class ExtraDomainConfig:
+    """Options of :func:`build_extra_domain`."""
+
+    corpora: str
+    """An existing corpora directory (``build_corpora``'s output: tokenizer/, data/, manifest.json)."""
+    domain: str = "headers"
+    tokens: int | None = None
+    """Train tokens to aim for (default: the corpora's ``tokens_per_domain``)."""
+    min_tokens: int = 50_000
+    """Fewer train tokens than this on the machine is an error."""
+    seed: int | None = None
+    """Document order seed (default: the corpora's)."""
+    valid_every: int | None = None
+    """Every ``valid_every``-th document goes to validation (default: the corpora's)."""
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.domain not in EXTRA_DOMAINS:
+            raise ValueError(f"extra domain {self.domain!r}: choose one of {', '.join(EXTRA_DOMAINS)}.")
+        if self.tokens is not None and self.tokens < 1000:
+            raise ValueError(f"extra domain tokens {self.tokens} is too small; use >= 1000.")
+
+
+def extra_domain_prefix(corpora: str, domain: str, split: str) -> str:
+    return os.path.join(corpora, "data", f"{domain}_{split}")
+
+
+def extra_domain_manifest_path(corpora: str, domain: str) -> str:
+    return os.path.join(corpora, EXTRA_MANIFEST_DIR, f"{domain}.json")
+
+
+def build_extra_domain(cfg: ExtraDomainConfig) -> dict:
+    """Build (or confirm up to date) ``cfg.domain`` inside the corpora directory with its existing
+    tokenizer; returns the domain's manifest (prefixes relative to the corpora directory)."""
+    import sentencepiece as spm
+
+    from btx_megatron.data.preprocess import PreprocessConfig, preprocess
+
+    start = time.perf_counter()
+    base = _read_json(os.path.join(cfg.corpora, "manifest.json"))
+    if not base.get("tokenizer"):
+        raise ValueError(f"{cfg.corpora} is not a built corpora directory (no manifest.json with a tokenizer); "
+                         "build it first with tools/build_corpora.py.")
+    model_path = os.path.join(cfg.corpora, base["tokenizer"]["path"])
+    tokenizer_sha = sha256_file(model_path)
+    if tokenizer_sha != base["tokenizer"]["sha256"]:
+        raise ValueError(f"{model_path} does not match {cfg.corpora}/manifest.json; the corpora directory is damaged.")
+    base_cfg = base.get("config", {})
+    identity = {
+        "domain": cfg.domain, "version": EXTRA_CORPORA_VERSION, "tokenizer_sha256": tokenizer_sha,
+        "tokens": int(cfg.tokens or base_cfg.get("tokens_per_domain", 2_000_000)), "min_tokens": cfg.min_tokens,
+        "seed": int(base_cfg.get("seed", 1234) if cfg.seed is None else cfg.seed),
+        "valid_every": int(cfg.valid_every or base_cfg.get("valid_every", 50)),
+    }
+    manifest_path = extra_domain_manifest_path(cfg.corpora, cfg.domain)
+    previous = _read_json(manifest_path)
+    if previous.get("config") == identity and all(
+            os.path.isfile(os.path.join(cfg.corpora, rel)) and sha256_file(os.path.join(cfg.corpora, rel)) == sha
+            for rel, sha in previous.get("files", {}).items()):
+        _log(f"extra domain {cfg.domain} up to date: {manifest_path}")
+        return previous
+
+    processor = spm.SentencePieceProcessor(model_file=model_path)
+    chosen, counts, exhausted = _select_extra(cfg, identity, processor)
+    files: dict[str, str] = {}
+    splits: dict[str, dict] = {}
+    for split in SPLITS:
+        jsonl_rel = f"jsonl/{cfg.domain}_{split}.jsonl"
+        jsonl_path = os.path.join(cfg.corpora, jsonl_rel)
+        os.makedirs(os.path.dirname(jsonl_path), exist_ok=True)
+        write_atomic(jsonl_path, (json.dumps(d, ensure_ascii=False) + "\n" for d in chosen[split]))
+        prefix_rel = f"data/{cfg.domain}_{split}"
+        prefix = os.path.join(cfg.corpora, prefix_rel)
+        result = preprocess(PreprocessConfig(
+            input=[jsonl_path], output_prefix=prefix, tokenizer_type="SentencePieceTokenizer",
+            tokenizer_model=model_path, workers=cfg.workers, append_eod=True, log_interval=0, strict=True,
+            extra_meta={"input_sha256": sha256_file(jsonl_path), "extra_domain": cfg.domain}))
+        _log(f"{cfg.domain}/{split}: {result.num_documents} documents, {result.num_tokens} tokens -> {prefix}")
+        splits[split] = {"prefix": prefix_rel, "jsonl": jsonl_rel, "num_documents": result.num_documents,
+                         "num_tokens": result.num_tokens}
+        for rel in (jsonl_rel, prefix_rel + ".bin", prefix_rel + ".idx"):
+            files[rel] = sha256_file(os.path.join(cfg.corpora, rel))
+    manifest = {
+        "config": identity, "domain": cfg.domain, "splits": splits, "files": files,
+        "tokenizer": {"path": base["tokenizer"]["path"], "sha256": tokenizer_sha},
+        "sources": header_roots() if cfg.domain == "headers" else [],
+        "exhausted": exhausted, "selected_tokens": counts,
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
+    os.makedirs(os.path.dirname(manifest_path), exist_ok=True)
+    write_json_atomic(manifest_path, manifest)  # last: its presence means the build completed
+    _log(f"extra domain {cfg.domain} done in {manifest['build_seconds']}s: {manifest_path}"
+         + (f" (the machine's text ran out at {counts['train']} train tokens)" if exhausted else ""))
+    return manifest
+
+
+def _select_extra(cfg: ExtraDomainConfig, identity: dict, processor) -> tuple[dict, dict, bool]:
+    """Documents until train has ``tokens`` and valid 1/valid_every of it, or the text runs out."""
+    docs = extra_domain_documents(cfg.domain, identity["seed"])
+    every, target = identity["valid_every"], identity["tokens"]
+    valid_target = max(1, target // every)
+    chosen: dict[str, list[dict]] = {"train": [], "valid": []}
+    counts = {"train": 0, "valid": 0}
+    index, exhausted = 0, False
+    while counts["train"] < target or counts["valid"] < valid_target:
+        batch = list(itertools.islice(docs, 256))
+        if not batch:
+            exhausted = True
+            break
+        lengths = [len(ids) + 1 for ids in processor.encode([d["text"] for d in batch], num_threads=cfg.workers)]
+        for doc, length in zip(batch, lengths):
+            split = "valid" if index % every == every - 1 else "train"
+            index += 1
+            if counts[split] >= (target if split == "train" else valid_target):
+                continue
+            chosen[split].append(doc)
+            counts[split] += length
+    if counts["train"] < cfg.min_tokens or not chosen["valid"]:
+        raise ValueError(
+            f"the {cfg.domain} domain found only {counts['train']} train / {counts['valid']} valid tokens on this "
+            f"machine (needs at least {cfg.min_tokens} train tokens and one validation document); it reads "
+            f"{', '.join(header_roots()) if cfg.domain == 'headers' else 'nothing'}. Install libc6-dev / "
+            "python3-dev, or preprocess another corpus with tools/preprocess_data.py.")
+    return chosen, counts, exhausted

@@ -28,10 +28,12 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from btx_megatron.checkpoint.io import write_json_atomic
 from btx_megatron.data.tokenizers import build_tokenizer, tokenizer_fingerprint
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -83,6 +85,12 @@ class PreprocessConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}.")
         if self.chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {self.chunksize}.")
+        parent = os.path.dirname(os.path.abspath(self.output_prefix))
+        blocking = next((p for p in [parent, *map(str, Path(parent).parents)] if os.path.exists(p)
+                         and not os.path.isdir(p)), None)
+        if blocking is not None:
+            raise ValueError(f"--output-prefix {self.output_prefix}: {blocking} is a file, not a directory; "
+                             "choose a prefix in a directory.")
 
 
 @dataclass
@@ -216,14 +224,6 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _atomic_write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class _Progress:
     def __init__(self, interval: int, stream=None):
         self.interval = interval
@@ -322,7 +322,7 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
         # so at every instant either no .idx exists or the pair (and its meta) is complete.
         _remove_quietly(prefix + ".idx")
         os.replace(prefix + ".bin" + tag, prefix + ".bin")
-        _atomic_write_json(
+        write_json_atomic(
             prefix + ".meta.json",
             {
                 "tokenizer": fingerprint,

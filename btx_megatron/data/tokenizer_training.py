@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
+from btx_megatron.checkpoint.io import write_atomic
+
 
 @dataclass
 class TokenizerTrainingConfig:
@@ -96,8 +98,8 @@ def train_sentencepiece(cfg: TokenizerTrainingConfig) -> str:
     vocab_lines = [f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size())]
     # .vocab first, .model last, each via a temporary name: a killed run must not leave a
     # half-written .model that a later build would accept.
-    _atomic_write(cfg.model_prefix + ".vocab", "".join(vocab_lines).encode("utf-8"))
-    _atomic_write(cfg.model_prefix + ".model", model_proto)
+    write_atomic(cfg.model_prefix + ".vocab", "".join(vocab_lines).encode("utf-8"))
+    write_atomic(cfg.model_prefix + ".model", model_proto)
     return cfg.model_prefix + ".model"
 
 
@@ -108,13 +110,6 @@ def _sentences(paths: list[str]) -> Iterator[str]:
                 line = line.rstrip("\n")
                 if line:
                     yield line
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _canonical_model_proto(model_proto: bytes) -> bytes:

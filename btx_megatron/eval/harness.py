@@ -259,12 +259,19 @@ def load_tasks(specs: list[TaskSpec], *, include_path: str | list[str] | None = 
 
 
 def _dataset_reason(tm, name: str, exc: Exception) -> str:
-    """One line for a task whose dataset could not be read (names the dataset and the fix)."""
-    datasets = set()
+    """One line for a task that could not be built: a dataset missing offline (named, with the
+    fix), a Python package the task needs, or else the error itself."""
+    import re
+
+    detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+    if isinstance(exc, ImportError):
+        return (f"lm-eval needs more Python packages for this task ({type(exc).__name__}: {detail}); install "
+                "them (lm-eval's extras, e.g. pip install 'lm-eval[math]==0.4.13') to run it")
+    datasets: set[str] = set()
 
     def collect(n: str, depth: int = 0) -> None:
         entry = tm.task_index.get(n)
-        if entry is None or depth > 3:
+        if entry is None or depth > 4:
             return
         cfg = entry.cfg or {}
         if cfg.get("dataset_path"):
@@ -275,11 +282,16 @@ def _dataset_reason(tm, name: str, exc: Exception) -> str:
                 collect(child, depth + 1)
 
     collect(name)
-    what = ", ".join(sorted(datasets)[:3]) + (" ..." if len(datasets) > 3 else "") if datasets else "its dataset"
-    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    return (f"dataset {what} is not available offline ({type(exc).__name__}: {detail}); put it in the "
-            "Hugging Face datasets cache (HF_DATASETS_CACHE), or set HF_DATASETS_OFFLINE=0 on a machine "
-            "with network access")
+    if not datasets:
+        datasets.update(re.findall(r"reach '([^']+)'", str(exc)))
+    what = (", ".join(sorted(datasets)[:3]) + (" ..." if len(datasets) > 3 else "")) if datasets else "(unnamed)"
+    offline = isinstance(exc, (ConnectionError, FileNotFoundError, OSError)) or "Offline" in str(exc) \
+        or type(exc).__name__ in ("DatasetNotFoundError", "DataFilesNotFoundError", "EmptyDatasetError")
+    if offline:
+        return (f"dataset {what} is not available offline ({type(exc).__name__}: {detail}); put it in the "
+                "Hugging Face datasets cache (HF_DATASETS_CACHE), or set HF_DATASETS_OFFLINE=0 on a machine "
+                "with network access")
+    return f"could not be built (dataset {what}; {type(exc).__name__}: {detail})"
 
 
 def _quiet_lm_eval() -> None:

@@ -239,7 +239,7 @@ def write_report(rows: list[ResultRow], output_dir: str | os.PathLike, *,
                  stage_offsets: dict[str, float] | None = None,
                  routing_dir: str | os.PathLike | None = None, title: str = "BTX results",
                  notes: list[str] | None = None, extra: dict[str, Any] | None = None,
-                 echo: bool = True) -> dict[str, Path]:
+                 sections: list[str] | None = None, echo: bool = True) -> dict[str, Path]:
     """Write results.md, results.json, perplexity.png (+ loss_curves.png) into ``output_dir``.
 
     Returns ``{"markdown", "json", "perplexity_png", ["loss_curves_png"], ["routing_pngs"...]}``."""
@@ -265,6 +265,8 @@ def write_report(rows: list[ResultRow], output_dir: str | os.PathLike, *,
     for note in notes or []:
         md.append(f"- {note}")
     md.append("")
+    for section in sections or []:
+        md += [section, ""]
     md.append(f"![perplexity]({paths['perplexity_png'].name})")
     if "loss_curves_png" in paths:
         md.append(f"![loss curves]({paths['loss_curves_png'].name})")

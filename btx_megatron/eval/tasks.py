@@ -202,8 +202,8 @@ def build_builtin_tasks(corpora_dir: str | Path, output: str | Path, *, num_item
     """Write the built-in tasks from ``corpora_dir/jsonl/{domain}_{split}.jsonl`` into ``output``.
 
     ``num_items`` per task (fewer when the documents hold fewer); ``max_tokens`` (with the
-    corpora's tokenizer, or ``tokenizer_model``): items whose prompt plus answer would not fit
-    the model's sequence length are left out. Deterministic given the corpora and ``seed``;
+    corpora's tokenizer, or ``tokenizer_model``): contexts are trimmed from the left to fit the
+    model's sequence length with the longest answer; items that still do not fit are left out. Deterministic given the corpora and ``seed``;
     returns the ``tasks.json`` record."""
     import yaml
 
@@ -220,22 +220,40 @@ def build_builtin_tasks(corpora_dir: str | Path, output: str | Path, *, num_item
     def fits(prompt: str, longest_answer: str, reserve: int = 0) -> bool:
         return sp is None or len(sp.encode(prompt + longest_answer)) + reserve <= max_tokens
 
+    def fitted(items: list[dict], answer_prefix: str = "") -> list[dict]:
+        """Items whose context, trimmed from the left at word boundaries, fits with the longest
+        choice (a short window keeps the end of the context, where the answer follows)."""
+        out = []
+        for item in items:
+            context, longest = item["context"], answer_prefix + max(item["choices"], key=len)
+            while not fits(context, longest) and len(context) > 24:
+                cut = context.find(" ", len(context) // 8)
+                context = context[cut + 1:] if 0 < cut < len(context) - 1 else context[len(context) // 8:]
+            if fits(context, longest) and len(context) >= 12:
+                out.append({**item, "context": context})
+        return out
+
     rng = random.Random(seed)
     makers = {
         "btx_math_answer": lambda: [d for d in math_items(_read_texts(corpora_dir / "jsonl" / f"math_{split}.jsonl"))
                                     if fits(d["question"], "", reserve=16)],
-        "btx_code_next_line": lambda: [d for d in code_items(_read_texts(corpora_dir / "jsonl" / f"code_{split}.jsonl"), rng)
-                                       if fits(d["context"], max(d["choices"], key=len))],
-        "btx_wiki_cloze": lambda: [d for d in cloze_items(_read_texts(corpora_dir / "jsonl" / f"wiki_{split}.jsonl"), rng)
-                                   if fits(d["context"], " " + max(d["choices"], key=len))],
+        "btx_code_next_line": lambda: fitted(code_items(_read_texts(corpora_dir / "jsonl" / f"code_{split}.jsonl"), rng)),
+        "btx_wiki_cloze": lambda: fitted(cloze_items(_read_texts(corpora_dir / "jsonl" / f"wiki_{split}.jsonl"), rng),
+                                         answer_prefix=" "),
     }
     output.mkdir(parents=True, exist_ok=True)
     record = {"corpora": str(corpora_dir), "split": split, "seed": seed, "max_tokens": max_tokens, "tasks": {}}
     for spec in BUILTIN:
         items = makers[spec.name]()
+        for stale in (output / f"{spec.name}.jsonl", output / f"{spec.name}.yaml"):
+            stale.unlink(missing_ok=True)
         if not items:
-            raise ValueError(f"{spec.name}: no items in {corpora_dir}/jsonl ({split} split"
-                             + (f", prompts within {max_tokens} tokens" if max_tokens else "") + ").")
+            # E.g. worked math solutions longer than a test model's window: the task is left
+            # out (the harness reports it as skipped) and the others still run.
+            record["tasks"][spec.name] = {"domain": spec.domain, "items": 0, "available": 0,
+                                          "skipped": f"no items in {corpora_dir}/jsonl ({split} split"
+                                          + (f", prompts within {max_tokens} tokens" if max_tokens else "") + ")"}
+            continue
         # Spread over the documents rather than the first few.
         picked = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), min(num_items, len(items))))]
         data = output / f"{spec.name}.jsonl"
@@ -243,6 +261,9 @@ def build_builtin_tasks(corpora_dir: str | Path, output: str | Path, *, num_item
         (output / f"{spec.name}.yaml").write_text(yaml.safe_dump(_yaml(spec.name, data.resolve(), _TASK_BODIES[spec.name]),
                                                                  sort_keys=False))
         record["tasks"][spec.name] = {"domain": spec.domain, "items": len(picked), "available": len(items)}
+    if not any(t["items"] for t in record["tasks"].values()):
+        raise ValueError(f"no built-in task has items from {corpora_dir}/jsonl: "
+                         + "; ".join(t["skipped"] for t in record["tasks"].values()) + ".")
     (output / "tasks.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -14,6 +14,7 @@ Stages, in order (each reads the outputs of the ones before it)::
     dense      baseline: the seed continued on the mix data for the FLOPs of branches + mix
     upcycling  baseline: the seed's FFN copied into N experts, then the same mix phase
     evaluate   per-domain loss/perplexity of every model, and the BTM ensemble of the branches
+    tasks      per-domain accuracy of every model on the built-in downstream tasks (lm-eval)
     routing    routing heatmaps of the BTX model per domain (btx_megatron.eval.routing)
     report     results table (markdown + JSON), loss curves and perplexity PNGs
 
@@ -48,8 +49,11 @@ from .state import (
     file_fingerprint, read_json, roll_back_to_intact,
 )
 
-STAGES = ("corpora", "seed", "branches", "merge", "mix", "dense", "upcycling", "evaluate", "routing", "report")
+STAGES = ("corpora", "seed", "branches", "merge", "mix", "dense", "upcycling", "evaluate", "tasks", "routing",
+          "report")
 STAGE_GROUPS = {"baselines": ("dense", "upcycling")}
+# Run only when named in --stages, after the stages above (grow: experiment/grow.py).
+OPTIONAL_STAGES = ("grow",)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,11 +64,11 @@ def expand_stages(stages: list[str] | None) -> set[str]:
     for s in stages:
         if s in STAGE_GROUPS:
             out.update(STAGE_GROUPS[s])
-        elif s in STAGES:
+        elif s in STAGES or s in OPTIONAL_STAGES:
             out.add(s)
         else:
             raise ValueError(f"--stages {s}: unknown stage; stages are {', '.join(STAGES)} "
-                             f"(and {', '.join(STAGE_GROUPS)}).")
+                             f"(and {', '.join(STAGE_GROUPS)}; optional: {', '.join(OPTIONAL_STAGES)}).")
     return out
 
 
@@ -386,6 +390,41 @@ class Pipeline:
         out = self.runner.ensure_group("evaluate", members, build, label="evaluate")
         return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
 
+    def task_models(self) -> dict[str, str]:
+        """The models of the downstream-task table (an ensemble and forced routing are not run
+        through the harness)."""
+        return {name: m["path"] for name, m in self.eval_models().items() if "path" in m and "force_expert" not in m}
+
+    def stage_tasks(self, fps: dict[str, dict]) -> dict[str, str]:
+        root = self.corpora_dir()
+        if not self.exp.evaluation.tasks or root is None:
+            return {}
+        models = self.task_models()
+        task_dir = self.out / "eval" / "tasks"
+        common = {"corpora": str(root), "task_dir": str(task_dir / "data"), "num_items": self.exp.evaluation.task_items,
+                  "max_tokens": self.plans[self.branch_names[0]].config.model.seq_length,
+                  "tokenizer_type": self.exp.tokenizer_type, "tokenizer_model": self.exp.tokenizer_model}
+
+        def validate(path: Path) -> Callable[[], Check]:
+            def check() -> Check:
+                data = read_json(path)
+                if not isinstance(data, dict) or not isinstance(data.get("domains"), dict) or not data["domains"]:
+                    return Check(False, f"{path} is missing or has no per-domain accuracies")
+                return Check(True, fingerprint={"result": file_fingerprint(path)})
+            return check
+
+        members = {f"tasks:{n}": ({**common, "model": p}, {"model": fps[n]}, validate(task_dir / f"{n}.json"))
+                   for n, p in models.items()}
+
+        def build(checks: dict[str, Check]) -> None:
+            names = [stage.split(":", 1)[1] for stage in checks]
+            spec = {**common, "models": {n: models[n] for n in names},
+                    "outputs": {n: str(task_dir / f"{n}.json") for n in names}}
+            self._job("tasks", spec, "tasks", "downstream tasks")
+
+        out = self.runner.ensure_group("tasks", members, build, label="tasks")
+        return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
+
     # ------------------------------------------------------------------ routing and report
     def stage_routing(self, mix_fp: dict) -> dict[str, str]:
         out = self.report_dir / "routing"
@@ -407,7 +446,7 @@ class Pipeline:
         return self.runner.ensure("routing", "routing", spec, {"mix": mix_fp}, validate,
                                   lambda _: self._job("routing", spec, "routing", "routing analysis"))
 
-    def stage_report(self, eval_fps: dict[str, str], routing_fp: dict) -> dict[str, str]:
+    def stage_report(self, eval_fps: dict[str, str], task_fps: dict[str, str], routing_fp: dict) -> dict[str, str]:
         files = ["results.md", "results.json", "loss_curves.png", "perplexity.png"]
 
         def validate() -> Check:
@@ -418,8 +457,16 @@ class Pipeline:
                 return Check(False, f"{self.report_dir / 'results.json'} does not parse")
             return Check(True, fingerprint={f: file_fingerprint(self.report_dir / f) for f in files})
 
-        return self.runner.ensure("report", "report", {"files": files}, {"eval": eval_fps, "routing": routing_fp},
-                                  validate, lambda _: results.write_report(self))
+        inputs = {"eval": eval_fps, "routing": routing_fp, **({"tasks": task_fps} if task_fps else {})}
+        return self.runner.ensure("report", "report", {"files": files}, inputs, validate,
+                                  lambda _: results.write_report(self))
+
+    # ------------------------------------------------------------------ optional stages
+    def stage_grow(self) -> dict[str, Any]:
+        """Add a fourth domain to the finished BTX model and remove domains again (see grow.py)."""
+        from . import grow
+
+        return grow.stage_grow(self)
 
     # ------------------------------------------------------------------ all of it
     def run(self) -> dict[str, Any]:
@@ -428,7 +475,9 @@ class Pipeline:
         self.echo(f"[pipeline] experiment {self.exp.name} ({self.exp.source}), output {self.out}")
         try:
             fmt.write_text_atomic(self.out / "experiment.resolved.yaml", yaml.safe_dump(self.exp.raw, sort_keys=False))
-            last = max(STAGES.index(st) for st in self.runner.selected)
+            if self.runner.selected <= set(OPTIONAL_STAGES):  # e.g. --stages grow, on a finished run
+                return self.stage_grow()
+            last = max(STAGES.index(st) for st in self.runner.selected if st in STAGES)
 
             def wanted(stage: str) -> bool:
                 # Stages after the last selected one are not looked at (--stages corpora seed
@@ -451,12 +500,15 @@ class Pipeline:
             if not wanted("evaluate"):
                 return {}
             eval_fps = self.stage_evaluate(fps)
+            task_fps = self.stage_tasks(fps) if wanted("tasks") else {}
             if not wanted("routing"):
                 return {}
             routing_fp = self.stage_routing(mix_fp)
             if not wanted("report"):
                 return {}
-            self.stage_report(eval_fps, routing_fp)
+            self.stage_report(eval_fps, task_fps, routing_fp)
+            if "grow" in self.runner.selected:
+                self.stage_grow()
         finally:
             self.print_timings(time.perf_counter() - started)
         self.echo("\n" + (self.report_dir / "results.md").read_text())
@@ -484,7 +536,12 @@ def load_pipeline(experiment: str, *, output: str | None = None, data_dir: str |
     if output:
         raw["output_dir"] = os.path.abspath(output)
     exp = parse_experiment(raw, str(experiment))
-    return Pipeline(exp, stages=stages, echo=echo, max_concurrent=max_concurrent, router_variants=router_variants)
+    pipeline = Pipeline(exp, stages=stages, echo=echo, max_concurrent=max_concurrent, router_variants=router_variants)
+    blocking = next((p for p in (pipeline.out, *pipeline.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ExperimentError(f"the run directory {pipeline.out} cannot be created: {blocking} is a file; pass "
+                              "--output DIR (or set output_dir) to a directory.")
+    return pipeline
 
 
-__all__ = ["ExperimentError", "Pipeline", "PipelineError", "STAGES", "STAGE_GROUPS", "load_pipeline"]
+__all__ = ["ExperimentError", "OPTIONAL_STAGES", "Pipeline", "PipelineError", "STAGES", "STAGE_GROUPS", "load_pipeline"]

@@ -92,6 +92,9 @@ def write_report(p: "Pipeline") -> None:
             r["label"], _kind(r["model"], p.branch_names), data,
             train_tokens=r["tokens"] + seed_cost[0], train_flops=r["flops"] + seed_cost[1],
             notes="evaluation-only ensemble of the branches" if r["model"] == "btm" else ""))
+    accuracy = {r["model"]: (read_json(p.eval_dir / "tasks" / f"{r['model']}.json") or {}).get("domains")
+                for r in rows}
+    accuracy = {m: a for m, a in accuracy.items() if a}
     metrics, offsets = stage_curves(p)
     notes = [f"Seed pretraining (in every row's cost): {seed_cost[0] / 1e6:.3f}M tokens, {seed_cost[1]:.3e} FLOPs; "
              "BTX = seed + branches + mix; the dense baseline is FLOP-matched to branches + mix."]
@@ -99,9 +102,29 @@ def write_report(p: "Pipeline") -> None:
     report.write_report(
         result_rows, p.report_dir, stage_metrics=metrics, stage_offsets=offsets,
         routing_dir=p.report_dir / "routing", title=f"{exp.name}: per-domain validation perplexity",
-        notes=notes, echo=False,
+        notes=notes, echo=False, sections=[accuracy_table(rows, accuracy)] if accuracy else None,
         extra={"experiment": exp.name, "models": [r["model"] for r in rows],
-               "seed": {"tokens": seed_cost[0], "flops": seed_cost[1]}, "shape_checks": checks})
+               "seed": {"tokens": seed_cost[0], "flops": seed_cost[1]}, "shape_checks": checks,
+               "accuracy": accuracy})
+
+
+def accuracy_table(rows: list[dict], accuracy: dict[str, dict[str, float]]) -> str:
+    """Markdown: per-domain accuracy on the built-in downstream tasks, one row per model."""
+    domains = sorted({d for a in accuracy.values() for d in a})
+    lines = ["## Downstream accuracy (built-in tasks, lm-evaluation-harness)", "",
+             "| model | " + " | ".join(domains) + " | avg |", "|---|" + "---:|" * (len(domains) + 1)]
+    best = {d: max(a.get(d, 0.0) for a in accuracy.values()) for d in domains}
+    for r in rows:
+        a = accuracy.get(r["model"])
+        if not a:
+            continue
+        cells = [f"**{a[d]:.3f}**" if d in a and a[d] == best[d] else (f"{a[d]:.3f}" if d in a else "-") for d in domains]
+        avg = sum(a.get(d, 0.0) for d in domains) / len(domains)
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {avg:.3f} |")
+    lines += ["", "Tasks: math worksheet answers (exact match after greedy generation), code next line and "
+              "prose cloze (4-way multiple choice by log-likelihood), from held-out corpora documents; "
+              "the ensemble row (BTM) and forced routing are not run on them."]
+    return "\n".join(lines)
 
 
 def stage_curves(p: "Pipeline") -> tuple[dict[str, Path], dict[str, float]]:

@@ -11,6 +11,8 @@ only what it needs, so a corpora build does not load the model stack):
     merge      btx_megatron.merge.run_merge (BTX merge, or the upcycling baseline's)
     evaluate   btx_megatron.eval.perplexity.evaluate_checkpoint per model (+ eval.btm for BTM)
     routing    btx_megatron.eval.routing.analyze (routing.json + heatmaps)
+    tasks      btx_megatron.eval.harness.evaluate_checkpoints_on_tasks on the built-in
+               downstream tasks (btx_megatron.eval.tasks), per model
 """
 
 from __future__ import annotations
@@ -76,8 +78,23 @@ def evaluate(spec: dict[str, Any]) -> None:
         print(f"[eval] {name}: average loss {result['average_loss']:.4f} in {result['eval_seconds']:.1f}s", flush=True)
 
 
+def tasks(spec: dict[str, Any]) -> None:
+    """The built-in downstream tasks (made from the corpora's held-out documents), then every
+    model of ``spec["models"]`` on them; one JSON of per-domain accuracies per model."""
+    from ..eval.harness import evaluate_checkpoints_on_tasks
+    from ..eval.loading import ModelLoadOptions
+    from ..eval.tasks import build_builtin_tasks
+
+    build_builtin_tasks(spec["corpora"], spec["task_dir"], num_items=spec["num_items"], max_tokens=spec["max_tokens"],
+                        tokenizer_model=spec["tokenizer_model"])
+    opts = ModelLoadOptions(tokenizer_type=spec["tokenizer_type"], tokenizer_model=spec["tokenizer_model"])
+    for name, path in spec["models"].items():
+        result = evaluate_checkpoints_on_tasks({name: path}, spec["task_dir"], opts=opts)[name]
+        fmt.write_json_atomic(spec["outputs"][name], {"model": name, **result})
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "corpora": corpora, "merge": merge, "evaluate": evaluate, "routing": routing}
+    "corpora": corpora, "merge": merge, "evaluate": evaluate, "routing": routing, "tasks": tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,12 @@
 ``storage``      torch_dist tensor IO with plain file reads/writes (no Megatron-Core)
 ``options``      MergeOptions -> the checked MergeJob
 ``writer``       run_merge: the distributed, streaming read / merge / write
+``edit``         grow and prune a BTX checkpoint: add / remove an expert, list (``tools/edit_experts.py``)
 
 Importing this package does not import Megatron-Core; only centroid routers need it.
 """
 
+from .edit import AddOptions, RemoveOptions, add_expert, describe, remove_expert
 from .options import MergeJob, MergeOptions, prepare
 from .plan import ExpertPlan, average, average_into, expert_shape, fill_experts, normalized_weights
 from .router_init import ROUTER_INITS, centroid_router, compute_centroids, random_router, replicate_centroids
@@ -19,6 +21,7 @@ from .units import Unit, assign_units, build_units
 from .writer import run_merge
 
 __all__ = [
+    "AddOptions", "RemoveOptions", "add_expert", "describe", "remove_expert",
     "ExpertPlan", "MergeJob", "MergeOptions", "ROUTER_INITS", "Source", "Unit", "assign_units", "average",
     "average_into", "build_units", "centroid_router", "check_sources", "compute_centroids", "expert_shape",
     "fill_experts", "inspect_source", "normalized_weights", "prepare", "random_router", "replicate_centroids",

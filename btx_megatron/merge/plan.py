@@ -60,10 +60,12 @@ AVERAGE_BLOCK = 32768
 def average_into(out: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """``out = (sum_i w_i * t_i) / sum_i w_i``, accumulated in float64, rounded once to ``out``'s dtype.
 
-    The operations per element are exactly those of a whole-tensor float64 running sum
+    Bit for bit the result of a whole-tensor float64 running sum started at +0.0
     (``acc.add_(t, alpha=w)`` in source order, sources with weight 0 skipped, one division by the
-    weight sum unless it is 1, one rounding), done block by block so the float64 temporaries stay
-    in cache. ``tensors`` may have any floating dtype; all must have ``out``'s shape.
+    weight sum unless it is 1, one rounding), computed block by block so the float64 temporaries
+    stay in cache. The sum starts from the first weighted source instead of +0.0, which changes
+    nothing but the sign of an all-zero sum (-0.0 + -0.0 stays -0.0, +0.0 + -0.0 does not): one
+    ``+ 0.0`` restores it. ``tensors`` may have any floating dtype; all have ``out``'s shape.
     """
     if not tensors:
         raise ValueError("average_into() needs at least one tensor")
@@ -77,15 +79,22 @@ def average_into(out: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     flat_in = [(t.reshape(-1), float(w)) for t, w in zip(tensors, weights) if w != 0.0]
     n = flat_out.numel()
     acc_buf = torch.empty(min(n, AVERAGE_BLOCK), dtype=torch.float64)
+    wide_buf = torch.empty_like(acc_buf)
     for start in range(0, n, AVERAGE_BLOCK):
         stop = min(start + AVERAGE_BLOCK, n)
-        acc = acc_buf[: stop - start]
-        acc.zero_()
-        for t, w in flat_in:
+        acc, wide = acc_buf[: stop - start], wide_buf[: stop - start]
+        (t, w), rest = flat_in[0], flat_in[1:]
+        if w == 1.0:
+            acc.copy_(t[start:stop])  # widening to float64 is exact
+        else:
+            torch.mul(wide.copy_(t[start:stop]), w, out=acc)
+        for t, w in rest:
+            wide.copy_(t[start:stop])
             if w == 1.0:
-                acc.add_(t[start:stop])
+                acc.add_(wide)
             else:
-                acc.add_(t[start:stop], alpha=w)
+                acc.add_(wide, alpha=w)
+        acc.add_(0.0)  # the sign of an all-zero sum, as from +0.0
         if weight_sum != 1.0:
             acc.div_(weight_sum)
         flat_out[start:stop].copy_(acc)

@@ -11,8 +11,9 @@ helper process per save and are collective per call.
 Reading (:class:`CheckpointReader`): the raw-bytes record of a chunk is located once from the
 record's zip directory and pickle (checked: one contiguous little-endian storage of the dtype
 and size the metadata names), then any box of the global tensor is filled with ``preadv``
-straight into the destination tensor's memory. A record that does not pass the checks is read
-with ``torch.load`` instead (slower, same result).
+straight into the destination tensor's memory, mapped from the file without a copy
+(:meth:`CheckpointReader.view`), or described as file byte ranges for a file-to-file copy. A
+record that does not pass the checks is read with ``torch.load`` instead (slower, same result).
 
 Writing (:class:`DistcpWriter`): each process appends its chunks to its own
 ``__<rank>_0.distcp`` on a background thread. The record framing comes from ``torch.save``
@@ -55,6 +56,7 @@ _LOCAL_HEADER = 30  # fixed part of a zip local file header
 _MAX_IO = 1 << 30  # bytes per preadv/pwritev call (Linux caps one call at 2 GiB - 4 KiB)
 _MMAP_MIN = 1 << 20  # buffers from this size on are memory maps (see new_buffer)
 _COPY_BUFFER = 8 << 20  # bytes per step where copy_file_range cannot copy
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map all pages at once (Linux)
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -358,6 +360,20 @@ class CheckpointReader:
                 a[0] + a[3] != b[0] for a, b in zip(pieces, pieces[1:])):
             return None
         return [(fd, start, length) for _, fd, start, length in pieces]
+
+    def view(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The box as a read-only-by-contract tensor mapped from the file (no copy: the page
+        cache's pages, mapped copy-on-write and pre-faulted), when it is one contiguous run of
+        one directly addressable chunk; None otherwise. Unmapped when the tensor dies."""
+        ranges = self.file_ranges(key, offsets, shape)
+        if ranges is None or len(ranges) != 1 or ranges[0][2] == 0:
+            return None
+        fd, start, length = ranges[0]
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, start - aligned + length, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        dtype = self.tensors[key][1]
+        return torch.frombuffer(mapped, dtype=dtype, offset=start - aligned, count=length // dtype.itemsize).view(shape)
 
     def _read_chunk(self, key, c_off, c_size, info, lo, hi, lo_box, dest: torch.Tensor) -> None:
         rec = self._record(key, c_size, info)

@@ -196,6 +196,7 @@ class _Loaded:
 
     unit: Unit
     sources: list[tuple[int, torch.Tensor]]  # (source index, slice)
+    pooled: list[torch.Tensor] = dataclasses.field(default_factory=list)  # buffers to hand back
     out: torch.Tensor | None = None
     ranges: list[tuple[int, int, int]] | None = None  # the output's bytes as source file ranges
     nbytes: int = 0
@@ -223,8 +224,15 @@ class _UnitLoader:
                     continue
                 loaded.out = dest = self.pool.get(u.shape, src_dtype)
             else:
+                box = (1, *u.src_shape) if u.layer is not None else u.src_shape
+                view = reader.view(u.src_key, u.src_offsets(), box) if u.kind == "avg" else None
+                if view is not None:  # averaged straight from the page cache
+                    loaded.sources.append((s_idx, view.view(u.src_shape)))
+                    loaded.nbytes += view.numel() * view.element_size()
+                    continue
                 buf = self.pool.get(u.src_shape, src_dtype)
                 loaded.sources.append((s_idx, buf))
+                loaded.pooled.append(buf)
                 dest = buf.unsqueeze(0) if u.layer is not None else buf
             loaded.nbytes += reader.read(u.src_key, u.src_offsets(), dest)
         return loaded
@@ -299,7 +307,7 @@ def _drain_one(pending: collections.deque, job: MergeJob, opts: MergeOptions, wr
                                u.global_shape)
     else:
         out = _compute(loaded, job, opts, pool)
-        for _, t in loaded.sources:  # read, used, no longer referenced
+        for t in loaded.pooled:  # read, used, no longer referenced
             if t is not out:
                 pool.put(t)
         writer.add_tensor(u.out_key, u.offsets(), out.view(chunk_shape), u.global_shape, release=pool.put)

@@ -64,6 +64,9 @@ def plan_start(cfg) -> str:
     save = Path(ck.save) if ck.save else None
     if save is not None and save.exists() and not save.is_dir():
         raise ValueError(f"--save {save} is a file; give a directory for the checkpoints.")
+    blocking = next((p for p in (save.parents if save is not None else ()) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--save {save} cannot be created: {blocking} is a file; give a directory path.")
     if save is not None and save.is_dir():
         # A kill between the two renames of a re-save leaves the tracked iteration as a complete
         # side copy: put it back before anything resolves the tracker (every rank may do this).

@@ -339,6 +339,14 @@ class DryRun:
     device_memory_gib: float
 
 
+_PLANNER_FLAGS = ("--world-size", "--nnodes", "--nproc-per-node", "--mfu", "--device-memory-gib")
+
+
+def wants_dry_run(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for the planner (``--dry-run`` or one of its options)."""
+    return any(a.split("=", 1)[0] in ("--dry-run", *_PLANNER_FLAGS) for a in argv)
+
+
 def split_dry_run_args(argv: Sequence[str]) -> tuple[DryRun | None, list[str]]:
     """``--dry-run`` and its options out of an entrypoint's argv; (None, argv) without it."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -349,9 +357,8 @@ def split_dry_run_args(argv: Sequence[str]) -> tuple[DryRun | None, list[str]]:
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU)
     parser.add_argument("--device-memory-gib", type=float, default=DEFAULT_DEVICE_MEMORY_GIB)
     ns, rest = parser.parse_known_args(list(argv))
-    planner_flags = ("--world-size", "--nnodes", "--nproc-per-node", "--mfu", "--device-memory-gib")
     if not ns.dry_run:
-        given = [f for f in planner_flags if any(a == f or a.startswith(f + "=") for a in argv)]
+        given = [f for f in _PLANNER_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
         if given:
             raise ValueError(f"{', '.join(given)} plan a layout and need --dry-run; add --dry-run or drop them.")
         return None, list(argv)

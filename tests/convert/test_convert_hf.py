@@ -299,7 +299,18 @@ def test_unsupported_architecture_and_broken_inputs(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="missing from the weights/index.*layers.2.self_attn.k_proj"):
         import_hf(index_gap, tmp_path / "out4", progress=False)
 
-    for name in ("out1", "out2", "out3", "out4"):
+    # A shard cut short is found only when the streaming import reaches it: nothing is left behind.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(llama_dir, truncated)
+    last = sorted(truncated.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=f"{last.name} .*ends 64 bytes early; the file is truncated"):
+        import_hf(truncated, tmp_path / "out5", progress=False)
+    (truncated / last.name).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=f"{last.name} is not a valid safetensors file"):
+        import_hf(truncated, tmp_path / "out6", progress=False)
+
+    for name in ("out1", "out2", "out3", "out4", "out5", "out6"):
         assert not (tmp_path / name).exists()
     _no_leftovers(tmp_path)
 

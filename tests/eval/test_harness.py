@@ -317,3 +317,23 @@ def test_truncated_checkpoint_is_one_clear_message(models, tmp_path):
     with pytest.raises(ValueError, match="truncated") as info:
         load_for_eval(str(copy), ModelLoadOptions(tokenizer_type="NullTokenizer"))
     assert victim.name in str(info.value) and "--load" in str(info.value)
+
+
+def test_skip_reasons_name_the_dataset_or_the_missing_package():
+    from types import SimpleNamespace
+
+    from btx_megatron.eval.harness import _dataset_reason
+
+    tm = SimpleNamespace(task_index={
+        "grp": SimpleNamespace(cfg={"group": "grp", "task": ["a", "b"]}),
+        "a": SimpleNamespace(cfg={"task": "a", "dataset_path": "org/data_a", "dataset_name": "main"}),
+        "b": SimpleNamespace(cfg={"task": "b", "dataset_path": "org/data_b"})})
+    offline = _dataset_reason(tm, "grp", ConnectionError("Couldn't reach 'org/data_a' on the Hub (OfflineModeIsEnabled)"))
+    assert "org/data_a (main), org/data_b" in offline and "not available offline" in offline
+    assert "HF_DATASETS_CACHE" in offline
+    packages = _dataset_reason(tm, "a", ModuleNotFoundError("`sympy` is required"))
+    assert "Python packages" in packages and "sympy" in packages and "offline" not in packages
+    unnamed = _dataset_reason(SimpleNamespace(task_index={}), "x", ConnectionError("Couldn't reach 'cais/mmlu' on the Hub"))
+    assert "cais/mmlu" in unnamed
+    other = _dataset_reason(tm, "b", KeyError("doc_to_text"))
+    assert other.startswith("could not be built") and "org/data_b" in other

@@ -28,6 +28,14 @@ def test_blocked_average_is_bit_identical_to_whole_tensor_float64(dtype, weights
     spread = 12.0 if dtype != torch.float16 else 3.0
     scale = torch.exp(torch.randn(shape, generator=g) * spread)
     ts = [(torch.randn(shape, generator=g) * scale).to(dtype) for _ in range(3)]
+    # Special values at random places: signed zeros (all -0.0 in some places), infinities, NaN,
+    # subnormals.
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40])
+    for t in ts:
+        where = torch.randint(0, t.numel(), (500,), generator=g)
+        t.view(-1)[where] = special[torch.randint(0, len(special), (500,), generator=g)].to(dtype)
+    for t in ts:
+        t.view(-1)[:300] = -0.0
     w = WEIGHTS[weights]
     threads = torch.get_num_threads()
     try:

@@ -43,6 +43,7 @@ class Figures:
     lost: list[str] = field(default_factory=list)
     sigterms: list[float] = field(default_factory=list)      # seconds from SIGTERM to a saved exit
     async_sigterms: list[float] = field(default_factory=list)
+    sigterms_sent: int = 0
     bit_exact: int = 0
     episodes: int = 0
     notes: list[str] = field(default_factory=list)
@@ -51,9 +52,10 @@ class Figures:
         longest = max(self.sigterms, default=float("nan"))
         longest_async = max(self.async_sigterms, default=float("nan"))
         return (f"\n[{title}] kills performed {self.kills}, checkpoints lost {len(self.lost)}, runs that resumed "
-                f"bit-exact {self.bit_exact}/{self.episodes}, SIGTERMs {len(self.sigterms) + len(self.async_sigterms)}: "
-                f"longest SIGTERM-to-saved-exit {longest:.1f}s sync, {longest_async:.1f}s async"
-                + "".join(f"\n  lost: {x}" for x in self.lost))
+                f"bit-exact {self.bit_exact}/{self.episodes}, SIGTERMs sent {self.sigterms_sent}, saved exits "
+                f"{len(self.sigterms)} sync + {len(self.async_sigterms)} async: longest SIGTERM-to-saved-exit "
+                f"{longest:.1f}s sync, {longest_async:.1f}s async"
+                + "".join(f"\n  lost: {x}" for x in self.lost) + "".join(f"\n  note: {x}" for x in self.notes))
 
 
 def recoverable(root: Path) -> bool:
@@ -96,9 +98,13 @@ def interrupt(step: Interruption, argv: list[str], log: Path, world: int, figure
         found = run.wait_for(step.arg)
     elif step.kind == "pause-kill":
         found = run.wait_for(r"\[fault-point\] " + re.escape(str(step.arg)))
-    elif step.kind in ("kill-after", "sigterm-after"):
+    elif step.kind == "kill-after":  # anywhere: start-up, steps, saves
         time.sleep(float(step.arg))
         found = run.alive()
+    elif step.kind == "sigterm-after":  # while it trains: a scheduler's warning comes at any moment
+        found = run.wait_for(r"\] iter 1/") and run.alive()
+        time.sleep(float(step.arg))
+        found = found and run.alive()
     else:  # the process kills itself at the fault point
         codes = run.wait(grace=5)
         if any(c == -signal.SIGKILL for c in codes):
@@ -111,8 +117,11 @@ def interrupt(step: Interruption, argv: list[str], log: Path, world: int, figure
         sent = time.time()
         run.send(signal.SIGTERM)
         codes = run.wait(grace=5)
+        figures.sigterms_sent += 1
         if codes == [0] * world and "exit signal received" in run.text():
             (figures.async_sigterms if is_async else figures.sigterms).append(time.time() - sent)
+        else:
+            figures.notes.append(f"SIGTERM without a saved exit: exit codes {codes}")
         return
     run.kill()
     figures.kills += 1
@@ -315,8 +324,11 @@ def _random_steps(rng: random.Random, duration: float, is_async: bool) -> list[I
     steps = []
     for _ in range(rng.randint(1, 4)):
         kind = rng.choice(["kill-after", "kill-after", "fault", "pause-kill", "sigterm-after"])
-        if kind in ("kill-after", "sigterm-after"):
+        if kind == "kill-after":
             steps.append(Interruption(kind, round(rng.uniform(0.0, duration), 2)))
+            continue
+        if kind == "sigterm-after":  # seconds after the first step
+            steps.append(Interruption(kind, round(rng.uniform(0.0, duration / 3), 2)))
             continue
         points = FAULT_POINTS + (["async-write"] if is_async else [])
         point = rng.choice(points)
