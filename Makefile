@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m slow tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit tests/data
+	$(BIN)/python -m pytest -q tests/config tests/data
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_trainer.py

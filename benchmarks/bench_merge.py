@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # dist_utils
+sys.path.insert(0, str(ROOT))  # tests.dist_utils
 
 
 def _argv(hidden: int, layers: int) -> list[str]:
@@ -108,7 +108,7 @@ def copy_rate(sources: list[str], dest: str) -> tuple[float, int]:
 
 
 def main() -> None:
-    from dist_utils import run_distributed
+    from tests.dist_utils import run_distributed
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=512)

@@ -100,7 +100,8 @@ def main() -> None:
             n, wall, cpu = fn()
             old = best.get(name, (0.0, 0.0))
             best[name] = (max(old[0], n / wall), max(old[1], n / cpu if cpu > 0 else 0.0))
-            num_tokens = n if name == "raw" else num_tokens
+            if name == "raw":
+                num_tokens = n
     raw_wall, raw_cpu = best["raw"]
     rows = [
         ("raw sentencepiece.encode, 1 process", 1, raw_wall, 1.0, raw_cpu),

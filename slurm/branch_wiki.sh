@@ -6,8 +6,9 @@
 #
 # Variables a user sets (environment at submission, or edit the defaults below):
 #   SEED_CKPT, OUT_DIR, DATA_DIR, TOKENIZER_MODEL, TRAIN_ITERS; account/partition/nodes on the
-#   sbatch command line. Everything else (NCCL environment, flag arrays, first start vs requeue,
-#   signal handling) is in slurm/branch.sbatch.
+#   sbatch command line; model size, layout, precision, batch and intervals (NUM_LAYERS, TP,
+#   PRECISION, GLOBAL_BATCH, ...) as documented in slurm/branch.sbatch, which builds the flag
+#   arrays. The run logic (environment, first start vs requeue, srun, signals) is slurm/train_job.sh.
 #
 #SBATCH --job-name=btx-wiki
 #SBATCH --nodes=8

@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from btx_megatron.convert import export_hf, import_hf
-    from btx_megatron.runtime.distributed import destroy
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
@@ -75,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        destroy()
     return 0
 
 

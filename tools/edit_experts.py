@@ -2,6 +2,7 @@
 
     python tools/edit_experts.py add --load ckpt/btx --branch law=ckpt/law --output ckpt/btx+law \
         [--router-init centroid --centroid-data law=/data/law_train \
+         [--centroid-contrast math=/data/math_train --centroid-contrast code=/data/code_train] \
          --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model] [--blend-shared 0.2]
     python tools/edit_experts.py remove --load ckpt/btx --expert wiki --output ckpt/btx-wiki \
         [--moe-router-topk 1] [--expert-model-parallel-size 2]
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--router-seed", type=int, default=1234)
     add.add_argument("--centroid-data", action="append", default=[], type=_name_value("--centroid-data"),
                      metavar="NAME=PREFIX", help="the new domain's data for --router-init centroid (repeatable)")
-    add.add_argument("--centroid-samples", type=int, default=16, help="sequences for the centroid")
+    add.add_argument("--centroid-contrast", action="append", default=[], type=_name_value("--centroid-contrast"),
+                     metavar="NAME=PREFIX", help="other domains' data (repeatable): the row points from their mean "
+                     "hidden state to the new domain's, so it tells the new domain apart from the old ones")
+    add.add_argument("--centroid-samples", type=int, default=16, help="sequences per domain for the centroids")
     add.add_argument("--centroid-seq-length", type=int, help="default: the model's seq length")
     add.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"))
     add.add_argument("--tokenizer-model")
@@ -85,13 +89,17 @@ def options_from_args(args):
                   progress=not args.quiet)
     if args.command == "remove":
         return RemoveOptions(experts=list(args.expert), **common)
-    if args.router_init == "random" and args.centroid_data:
-        raise ValueError("--centroid-data needs --router-init centroid.")
+    if args.router_init == "random" and (args.centroid_data or args.centroid_contrast):
+        raise ValueError("--centroid-data / --centroid-contrast need --router-init centroid.")
     data: dict[str, list[str]] = {}
     for name, prefix in args.centroid_data:
         data.setdefault(name, []).append(prefix)
+    contrast: dict[str, list[str]] = {}
+    for name, prefix in args.centroid_contrast:
+        contrast.setdefault(name, []).append(prefix)
     return AddOptions(branch=args.branch, router_init=args.router_init, router_seed=args.router_seed,
-                      centroid_data=data or None, centroid_samples=args.centroid_samples,
+                      centroid_data=data or None, contrast_data=contrast or None,
+                      centroid_samples=args.centroid_samples,
                       centroid_seq_length=args.centroid_seq_length, tokenizer_type=args.tokenizer_type,
                       tokenizer_model=args.tokenizer_model, blend_shared=args.blend_shared, **common)
 

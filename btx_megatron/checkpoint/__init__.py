@@ -3,11 +3,11 @@ manifest every checkpoint carries, DCP verification and fingerprints, atomic fil
 provenance. Used by training, the merge, the converters and evaluation alike."""
 
 from .format import (
-    FAULT_POINT_ENV, FORMAT_VERSION, fault_point, MANIFEST, TRACKER, CheckpointError, clean_stale_staging, iteration_dir, is_checkpoint_dir,
+    FORMAT_VERSION, MANIFEST, TRACKER, CheckpointError, clean_stale_staging, iteration_dir, is_checkpoint_dir,
     new_staging_dir, publish, read_manifest, read_tracker, resolve, restore_tracked,
 )
 from .io import (
-    check_output, mark_output, publish_directory, remove_stale_staging, staging_dir_for, write_json_atomic,
+    FAULT_POINT_ENV, check_output, fault_point, mark_output, publish_directory, remove_stale_staging, staging_dir_for, write_json_atomic,
     write_text_atomic,
 )
 from .manifest import Manifest, offline_layout

@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .io import FAULT_POINT_ENV, fault_point, fsync_dir, write_text_atomic  # noqa: F401 - re-exported
+from .io import fault_point, fsync_dir, write_text_atomic  # noqa: F401 - re-exported
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "btx_checkpoint.json"

@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from torch.distributed.checkpoint import FileSystemReader
-
 SAMPLE_BYTES = 1 << 20
 
 
 def dcp_metadata(ckpt_dir: str | Path):
+    # Imported here: torch.distributed.checkpoint costs about a second of start-up, and every
+    # tool imports this package.
+    from torch.distributed.checkpoint import FileSystemReader
+
     return FileSystemReader(str(ckpt_dir)).read_metadata()
 
 

@@ -1,7 +1,7 @@
 """btx-megatron checkpoint (any saved layout) -> Hugging Face ``LlamaForCausalLM`` / ``MixtralForCausalLM``.
 
 Streams: the checkpoint is read slice by slice (one decoder layer, or one expert, at a time,
-whatever TP/PP/EP layout wrote it, with :class:`btx_megatron.merge.storage.CheckpointReader`:
+whatever TP/PP/EP layout wrote it, with :class:`btx_megatron.checkpoint.storage.CheckpointReader`:
 positional reads straight into the slice's buffer; the next group is read on a thread while
 the current one is converted and written) and each converted tensor is appended straight to
 its safetensors shard (at most ``max_shard_size`` bytes; headers are planned up front). Peak
@@ -22,6 +22,8 @@ import torch
 
 from .. import checkpoint as fmt
 from ..checkpoint import staging_dir_for
+
+EXPORT_TOOL = "convert_hf export"
 from ..runtime.progress import Progress
 from . import mapping
 from .hf_config import DTYPES, exported_topk, hf_config_from_model, model_config_from_manifest
@@ -67,7 +69,7 @@ class CheckpointReader:
 
     def __init__(self, ckpt_dir: Path):
         from ..checkpoint.verify import verify_files
-        from ..merge.storage import CheckpointReader as ChunkReader
+        from ..checkpoint.storage import CheckpointReader as ChunkReader
 
         self.dir = Path(ckpt_dir)
         self._reader = ChunkReader(self.dir, verify_files(self.dir, f"--load {self.dir}"), f"--load {self.dir}")
@@ -225,8 +227,6 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
     ckpt_dir, _ = fmt.resolve(load, "--load")
     manifest = fmt.read_manifest(ckpt_dir)
     source = f"--load {load}"
-    if output.exists() and not overwrite:
-        raise ValueError(f"--output {output} exists; pass --overwrite to replace it.")
     model_cfg = model_config_from_manifest(manifest, source)
     topk, router_note = (exported_topk(model_cfg, allow_approximate_router, source)
                          if model_cfg.is_moe else (None, None))
@@ -242,6 +242,7 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
         raise ValueError(f"{source}: weights are {out_dtype}; pass --dtype float32/bfloat16/float16.")
 
     tok_dir = _find_tokenizer_dir(ckpt_dir, manifest, tokenizer_dir)
+    fmt.check_output(output, [load, ckpt_dir] + ([tok_dir] if tok_dir else []), tool=EXPORT_TOOL, overwrite=overwrite)
     special = _special_tokens(manifest, tok_dir)
     # Built (and validated: Llama-style models only) before any tensor is read.
     hf_cfg = hf_config_from_model(model_cfg, out_dtype, num_experts_per_tok=topk, special_tokens=special)
@@ -287,6 +288,7 @@ def export_hf(load: str | Path, output: str | Path, *, tokenizer_dir: str | None
             "vocab_padding_removed": shapes.padded_vocab_size - shapes.vocab_size,
         }
         (staging / "btx_export.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        fmt.mark_output(staging, EXPORT_TOOL)
         fmt.publish_directory(staging, output, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,7 +10,7 @@ loads at any TP/PP/EP layout, plus::
 
 Streams: each Megatron slice (one layer of one key, or one expert) is computed from its
 Hugging Face tensors through :mod:`.mapping` and written at once as one chunk of a
-``torch_dist`` checkpoint (:mod:`btx_megatron.merge.storage`; a writer thread overlaps the
+``torch_dist`` checkpoint (:mod:`btx_megatron.checkpoint.storage`; a writer thread overlaps the
 writes with the next slices' reads). The keys and global shapes are the ones Megatron-Core's
 ``GPTModel`` saves (:func:`.mapping.megatron_global_shapes`), so the trainer loads the result at
 any TP/PP/EP layout. No model is built and Megatron-Core is not imported; peak memory is a few
@@ -32,6 +32,8 @@ import yaml
 from .. import __version__
 from .. import checkpoint as fmt
 from ..checkpoint import staging_dir_for
+
+IMPORT_TOOL = "convert_hf import"
 from ..runtime.progress import Progress
 from . import mapping
 from .hf_config import PRECISION_OF_DTYPE, hf_dtype, model_config_from_hf, model_flags
@@ -83,8 +85,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"--hf-dir {hf_dir} has no config.json; point it at a Hugging Face model directory.")
-    if output.exists() and not overwrite:
-        raise ValueError(f"--output {output} exists; pass --overwrite to replace it.")
+    fmt.check_output(output, [hf_dir], tool=IMPORT_TOOL, overwrite=overwrite)
     hf = json.loads(config_path.read_text())
     model_cfg, arch, notes = model_config_from_hf(
         hf, source=str(config_path), make_vocab_size_divisible_by=make_vocab_size_divisible_by,
@@ -114,6 +115,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
         (staging / "model_args.txt").write_text(" ".join(flags) + "\n")
         (staging / "model.yaml").write_text(yaml.safe_dump(_flags_to_yaml(flags), sort_keys=False))
         fmt.write_text_atomic(staging / fmt.TRACKER, "0\n")
+        fmt.mark_output(staging, IMPORT_TOOL)
         fmt.publish_directory(staging, output, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -128,7 +130,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
 def _write_weights(ckpt_dir: Path, weights: HFWeights, s: mapping.Shapes, dtype: torch.dtype,
                    progress: bool) -> Progress:
     """Every Megatron slice as one chunk of ``ckpt_dir`` (plus the common state and metadata)."""
-    from ..merge.storage import COMMON_STATE_KEY, DistcpWriter, common_state_bytes, write_metadata
+    from ..checkpoint.storage import COMMON_STATE_KEY, DistcpWriter, common_state_bytes, write_metadata
 
     global_shapes = mapping.megatron_global_shapes(s)
     addresses = _addresses(s)

@@ -626,7 +626,7 @@ class ExtraDomainConfig:
     tokens: int | None = None
     """Train tokens to aim for (default: the corpora's ``tokens_per_domain``)."""
     min_tokens: int = 50_000
-    """Fewer train tokens than this on the machine is an error."""
+    """Fewer train tokens than this (or than ``tokens``, if smaller) on the machine is an error."""
     seed: int | None = None
     """Document order seed (default: the corpora's)."""
     valid_every: int | None = None
@@ -734,10 +734,11 @@ def _select_extra(cfg: ExtraDomainConfig, identity: dict, processor) -> tuple[di
                 continue
             chosen[split].append(doc)
             counts[split] += length
-    if counts["train"] < cfg.min_tokens or not chosen["valid"]:
+    needed = min(cfg.min_tokens, target)
+    if counts["train"] < needed or not chosen["valid"]:
         raise ValueError(
             f"the {cfg.domain} domain found only {counts['train']} train / {counts['valid']} valid tokens on this "
-            f"machine (needs at least {cfg.min_tokens} train tokens and one validation document); it reads "
+            f"machine (needs at least {needed} train tokens and one validation document); it reads "
             f"{', '.join(header_roots()) if cfg.domain == 'headers' else 'nothing'}. Install libc6-dev / "
             "python3-dev, or preprocess another corpus with tools/preprocess_data.py.")
     return chosen, counts, exhausted

@@ -10,11 +10,18 @@ experiment's own model, the mix phase's output ``(a)``:
    is built into the corpora directory with the experiment's existing tokenizer;
 2. its dense branch is trained from the seed exactly like the first domain's branch;
 3. ``add`` (:mod:`btx_megatron.merge.edit`) makes it expert E, the router row from the BTX
-   model's own hidden states on the new data (centroid)  -> ``(b)``;
+   model's own hidden states: the new domain's centroid minus the mean of the old domains'
+   (``--centroid-contrast``), at the norm of the trained rows  -> ``(b)``;
 4. ``(c)``: a short mix phase of N steps (default: a third of the experiment's mix phase) on
-   every domain, the new one included at the mean domain weight;
+   every domain, the new one included at the mean domain weight. It continues a trained model,
+   so its peak LR is the LR the experiment's mix phase ended at (its ``min_lr``), not the mix
+   phase's own peak; ``(c')`` runs the same steps at the mix phase's own schedule to show what
+   re-warming to the peak costs the old domains;
 5. ``(d)``: N steps of expert training against frozen shared weights (``--train-experts NEW
-   --train-router``: only the new expert and its router rows move) on the new domain alone;
+   --train-router``: only the new expert and its router rows move) on the new domain alone, at
+   the mix phase's own LR schedule (like a branch, it trains new weights); ``(d0)`` the same with
+   the router rows frozen (``--train-experts NEW``), ``(d*)`` with the router rows on every
+   domain's data (the old domains' tokens are the router row's negative examples);
 6. the alternative at the same added compute: BTX rebuilt from the four branches and the seed
    (the existing branches reused), mixed for the same N steps;
 7. removal: the new expert removed from ``(d)`` and from ``(c)`` (compared with ``(a)``, the BTX
@@ -49,6 +56,7 @@ from .state import Check, PipelineError, check_checkpoint_root, eval_check, file
 
 STAGE = "grow"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+GROWN = ("mix", "mix_peak", "expert_only", "expert", "expert_all", "rebuild")  # rows trained after the add
 OLD_DOMAIN_TOLERANCE = 0.02  # old domains after an add: the issue's 2% relative
 REMAINING_TOLERANCE = 0.01   # remaining domains after a remove: 1% relative
 
@@ -62,17 +70,24 @@ class GrowOptions:
     (default: a third of the experiment's mix phase, at least 1)."""
     router_init: str = "centroid"
     """Router row of the added expert: centroid (the BTX model's hidden states) or random."""
-    train_router: bool = True
-    """(d) trains the new expert's router rows too (--train-router)."""
+    contrast: bool = True
+    """With centroid: the row points away from the experiment's domains (their training data as
+    --centroid-contrast), not only at the new one."""
     remove_domain: str | None = "wiki"
     """An original domain removed from (a) and compared with BTX built without it (None: skip)."""
     centroid_samples: int = 64
     """Sequences of the new domain's training data for the centroid router row."""
+    continue_lr: float | None = None
+    """Peak LR of (c), which continues the trained model (default: the mix phase's min_lr, where
+    its schedule ended); it decays to a tenth of that."""
+    peak_lr_row: bool = True
+    """Also run (c') = (c) at the mix phase's own LR schedule."""
 
 
 @dataclasses.dataclass
 class _Model:
     key: str     # eval file name
+    short: str   # how other rows refer to it
     label: str   # table row
     path: Path
 
@@ -103,8 +118,9 @@ class Grow:
         self.corpora = root
         self.train_prefix = extra_domain_prefix(str(root), d, "train")
         self.valid_prefix = extra_domain_prefix(str(root), d, "valid")
-        mix_iters = pipeline.plans[MIX_NAME].target_iters
-        self.steps = self.opts.steps or max(1, mix_iters // 3)
+        mix = pipeline.plans[MIX_NAME]
+        self.steps = self.opts.steps or max(1, mix.target_iters // 3)
+        self.continue_lr = self.opts.continue_lr or mix.config.train.min_lr or mix.config.train.lr / 10
         self.num_experts = planning.num_btx_experts(self.exp)
         if self.exp.merge.method != "btx":
             raise PipelineError(f"grow: the experiment merges with method {self.exp.merge.method!r}; growing and "
@@ -148,19 +164,25 @@ class Grow:
                                   str(self.p.seed_checkpoint), branch_blend)
 
         def mix(key: str, init: Path, num_experts: int, blend: list[BlendEntry], iters: int,
-                options: StageOptions | None = None) -> RunPlan:
+                **train: Any) -> RunPlan:
             run = self._dir(key)
-            options = options or exp.mix.options
+            sections = {s: dict(v) for s, v in exp.mix.options.sections.items()}
+            sections["train"] = {**sections.get("train", {}), **train}
+            options = StageOptions(launch=exp.mix.options.launch, sections=sections)
             cfg = planning.build_run_config(exp, options, blend, run / "checkpoints", Budget(train_iters=iters),
                                             f"grow ({key})", self._mix_model(num_experts))
             return RunPlan(f"{STAGE}:{key}", "mix", run, cfg, options.launch, str(init), blend)
 
         grown = self.num_experts + 1
-        plans["mix"] = mix("mix", self.added_dir, grown, self.grown_blend(), self.steps)
-        sections = {s: dict(v) for s, v in exp.mix.options.sections.items()}
-        sections["train"] = {**sections.get("train", {}), "train_experts": [d], "train_router": self.opts.train_router}
-        expert_opts = StageOptions(launch=exp.mix.options.launch, sections=sections)
-        plans["expert"] = mix("expert", self.added_dir, grown, branch_blend, self.steps, expert_opts)
+        lr = self.continue_lr
+        plans["mix"] = mix("mix", self.added_dir, grown, self.grown_blend(), self.steps, lr=lr, min_lr=lr / 10)
+        if self.opts.peak_lr_row:
+            plans["mix_peak"] = mix("mix_peak", self.added_dir, grown, self.grown_blend(), self.steps)
+        plans["expert"] = mix("expert", self.added_dir, grown, branch_blend, self.steps, train_experts=[d],
+                              train_router=True)
+        plans["expert_only"] = mix("expert_only", self.added_dir, grown, branch_blend, self.steps, train_experts=[d])
+        plans["expert_all"] = mix("expert_all", self.added_dir, grown, self.grown_blend(), self.steps,
+                                  train_experts=[d], train_router=True)
         plans["rebuild"] = mix("rebuild", self._dir("rebuild_merged"), grown, self.grown_blend(), self.steps)
         if self.opts.remove_domain:
             r = self.opts.remove_domain
@@ -218,12 +240,15 @@ class Grow:
         if self.opts.router_init == "centroid":
             add_spec.update(centroid_data={d: [self.train_prefix]}, centroid_samples=self.opts.centroid_samples,
                             tokenizer_type=self.exp.tokenizer_type, tokenizer_model=self.exp.tokenizer_model)
+            if self.opts.contrast:
+                add_spec["contrast_data"] = {x.name: [e.prefix for e in x.data] for x in self.exp.domains}
         grown = self.num_experts + 1
         added_fp = self._ensure_edit(f"{STAGE}:add", "add", add_spec, {"btx": runs[MIX_NAME], "branch": branch_fp},
                                      grown)
         fps = {"added": added_fp}
-        for key in ("mix", "expert"):
-            fps[key] = p._train_stage(plans[key].name, STAGE, plans[key], {"added": added_fp, "data": data_fp})
+        for key in ("mix", "mix_peak", "expert", "expert_only", "expert_all"):
+            if key in plans:
+                fps[key] = p._train_stage(plans[key].name, STAGE, plans[key], {"added": added_fp, "data": data_fp})
         # The alternative at the same added compute: BTX merged again from all four branches.
         rebuild = p.merge_spec()
         rebuild["branches"] = rebuild["branches"] + [[d, str(plans["branch"].save_dir)]]
@@ -290,19 +315,28 @@ class Grow:
     # ------------------------------------------------------------------ evaluation and report
     def models(self, plans: dict[str, RunPlan]) -> list[_Model]:
         d, r, n = self.opts.domain, self.opts.remove_domain, self.steps
-        out = [_Model("btx", "(a) BTX, before the add", self.p.plans[MIX_NAME].save_dir),
-               _Model("added", f"(b) + {d} expert (add, no training)", self.added_dir),
-               _Model("mix", f"(c) (b) + {n} mix steps, all domains", plans["mix"].save_dir),
-               _Model("expert", f"(d) (b) + {n} steps training only the {d} expert"
-                      + (" and its router rows" if self.opts.train_router else ""), plans["expert"].save_dir),
-               _Model("rebuild", f"rebuild: BTX merged from all four branches + {n} mix steps",
+        out = [_Model("btx", "(a)", "(a) BTX, before the add", self.p.plans[MIX_NAME].save_dir),
+               _Model("added", "(b)", f"(b) + {d} expert (add, no training)", self.added_dir),
+               _Model("mix", "(c)", f"(c) (b) + {n} mix steps, all domains, LR {self.continue_lr:g}",
+                      plans["mix"].save_dir),
+               _Model("expert_only", "(d0)", f"(d0) (b) + {n} steps training only the {d} expert (router frozen), "
+                      f"{d} data", plans["expert_only"].save_dir),
+               _Model("expert", "(d)", f"(d) (b) + {n} steps training only the {d} expert and its router rows, "
+                      f"{d} data", plans["expert"].save_dir),
+               _Model("expert_all", "(d*)", "(d*) as (d) on every domain's data", plans["expert_all"].save_dir),
+               _Model("rebuild", "rebuild", f"rebuild: BTX merged from all four branches + {n} mix steps",
                       plans["rebuild"].save_dir),
-               _Model("branch", f"{d} branch alone (dense)", plans["branch"].save_dir),
-               _Model("expert_minus", f"(d) - {d} (remove)", self._dir(f"expert_minus_{d}")),
-               _Model("mix_minus", f"(c) - {d} (remove)", self._dir(f"mix_minus_{d}"))]
+               _Model("branch", f"{d} branch", f"{d} branch alone (dense)", plans["branch"].save_dir),
+               _Model("expert_minus", f"(d) - {d}", f"(d) - {d} (remove)", self._dir(f"expert_minus_{d}")),
+               _Model("mix_minus", f"(c) - {d}", f"(c) - {d} (remove)", self._dir(f"mix_minus_{d}"))]
+        if "mix_peak" in plans:
+            peak = plans["mix_peak"].config.train.lr
+            out.insert(3, _Model("mix_peak", "(c')", f"(c') as (c) at the mix phase's LR schedule (peak {peak:g})",
+                                 plans["mix_peak"].save_dir))
         if r:
-            out += [_Model("btx_minus", f"(a) - {r} (remove)", self._dir(f"btx_minus_{r}")),
-                    _Model("without", f"BTX merged and mixed without {r}", plans["without"].save_dir)]
+            out += [_Model("btx_minus", f"(a) - {r}", f"(a) - {r} (remove)", self._dir(f"btx_minus_{r}")),
+                    _Model("without", f"BTX without {r}", f"BTX merged and mixed without {r}",
+                           plans["without"].save_dir)]
         return out
 
     def _evaluate(self, models: list[_Model], fps: dict[str, dict]) -> dict[str, str]:
@@ -359,12 +393,13 @@ class Grow:
         old = list(self.exp.eval_domains)
         ppl = {m.key: {dom: results[m.key]["domains"][dom]["ppl"] for dom in self.eval_domains} for m in models}
         labels = {m.key: m.label for m in models}
+        short = {m.key: m.short for m in models}
         branch = flops.get("branch", 0.0)
-        added = {"btx": 0.0, "added": branch, "mix": branch + flops["mix"], "expert": branch + flops["expert"],
-                 "rebuild": branch + flops["rebuild"], "branch": branch}
+        added = {"btx": 0.0, "added": branch, "branch": branch}
+        added.update({k: branch + flops[k] for k in GROWN if k in flops})
         grow_rows = [{"key": k, "label": labels[k], "ppl": ppl[k], "added_flops": added[k],
                       "old_change": {o: relative(ppl[k][o], ppl["btx"][o]) for o in old}}
-                     for k in ("btx", "added", "mix", "expert", "rebuild", "branch")]
+                     for k in ("btx", "added", *GROWN, "branch") if k in labels]
         remove_rows = [removal_row(labels["expert_minus"], "expert_minus", ppl, d, ref="btx", before="expert",
                                    domains=[*old, d], identical=identical),
                        removal_row(labels["mix_minus"], "mix_minus", ppl, d, ref="btx", before="mix", domains=[*old, d])]
@@ -372,8 +407,8 @@ class Grow:
             remove_rows.append(removal_row(labels["btx_minus"], "btx_minus", ppl, r, ref="without", before="btx",
                                            domains=[*old, d]))
         return {"domain": d, "old_domains": old, "remove_domain": r, "steps": self.steps,
-                "router_init": self.opts.router_init, "train_router": self.opts.train_router,
-                "labels": labels, "ppl": ppl, "grow": grow_rows, "remove": remove_rows,
+                "router_init": self.opts.router_init + (" (contrast)" if self.opts.contrast else ""),
+                "labels": labels, "short": short, "ppl": ppl, "grow": grow_rows, "remove": remove_rows,
                 "flops": flops, "tolerances": {"old_domains_after_add": OLD_DOMAIN_TOLERANCE,
                                                "remaining_after_remove": REMAINING_TOLERANCE}}
 
@@ -443,17 +478,18 @@ def format_grow_markdown(s: dict[str, Any]) -> str:
               f"{100 * tol['old_domains_after_add']:.0f}%). Added training FLOPs: the {d} branch plus what "
               "each row trained after it ((b) trains nothing after the branch); the rebuild reuses the three "
               "existing branches and trains the same N mix steps as (c).", "",
-              f"## Remove a domain", "",
+              "## Remove a domain", "",
               "| model | " + " | ".join(f"{x} ppl" for x in doms) + " | removed domain vs reference | "
               "remaining domains vs before |", "|---|" + "---:|" * (len(doms) + 2)]
-    labels = s["labels"]
+    labels, short = s["labels"], s.get("short", {})
     for row in s["remove"]:
         name, worst = _worst(row["remaining_change"])
         flag = "" if abs(worst) <= tol["remaining_after_remove"] else " (over 1%)"
         same = " (bit-identical to it)" if row.get("bit_identical_to_reference") else ""
+        ref, before = (short.get(row[k], labels[row[k]]) for k in ("reference", "before"))
         lines.append(f"| {row['label']} | " + " | ".join(f"{row['ppl'][x]:.2f}" for x in doms)
-                     + f" | {row['removed']}: {_pct(row['removed_gap'])} vs {labels[row['reference']]}{same}"
-                     + f" | max {_pct(worst)} ({name}) vs {labels[row['before']]}{flag} |")
+                     + f" | {row['removed']}: {_pct(row['removed_gap'])} vs {ref}{same}"
+                     + f" | max {_pct(worst)} ({name}) vs {before}{flag} |")
     if s["remove_domain"]:
         without = s["ppl"]["without"]
         lines.append(f"| {labels['without']} | " + " | ".join(f"{without[x]:.2f}" for x in doms) + " | reference | - |")
@@ -474,7 +510,8 @@ def write_grow_report(report_dir: Path, s: dict[str, Any]) -> None:
     def rows(keys):
         return [ResultRow(s["labels"][k], "other", {x: {"ppl": s["ppl"][k][x]} for x in doms}) for k in keys]
 
-    plot_perplexities(rows(["btx", "added", "mix", "expert", "rebuild"]), report_dir / "grow.png", doms)
+    grown = [k for k in ("btx", "added", *GROWN) if k in s["labels"]]
+    plot_perplexities(rows(grown), report_dir / "grow.png", doms)
     remove_keys = ["btx", "expert_minus", "mix_minus"] + (["btx_minus", "without"] if s["remove_domain"] else [])
     plot_perplexities(rows(remove_keys), report_dir / "remove.png", doms)
     fmt.write_json_atomic(report_dir / "grow.json", s)
@@ -486,7 +523,7 @@ def same_model_tensors(a: Path, b: Path) -> bool:
     import torch
 
     from ..checkpoint.verify import dcp_metadata
-    from ..merge.storage import CheckpointReader
+    from ..checkpoint.storage import CheckpointReader
 
     readers = []
     for root in (a, b):

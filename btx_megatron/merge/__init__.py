@@ -4,7 +4,6 @@
 ``sources``      inspect and check the source checkpoints
 ``units``        the output slices and which process makes each
 ``router_init``  random and centroid routers (centroids from each branch's own data)
-``storage``      torch_dist tensor IO with plain file reads/writes (no Megatron-Core)
 ``options``      MergeOptions -> the checked MergeJob
 ``writer``       run_merge: the distributed, streaming read / merge / write
 ``edit``         grow and prune a BTX checkpoint: add / remove an expert, list (``tools/edit_experts.py``)

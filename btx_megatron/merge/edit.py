@@ -13,8 +13,10 @@ whose data is withdrawn can leave.
             other weight is the BTX model's, or with ``blend_shared`` W the blend
             ``(1 - W) * BTX + W * branch`` (float64, rounded once). The new router row is the BTX
             model's own mean hidden state entering the MoE layer on the new domain's data
-            (``centroid``, scaled to the mean norm of the layer's existing rows, so its logits
-            start at the scale the trained rows have), or ``N(0, init_method_std)`` (``random``).
+            (``centroid``; with ``contrast_data`` minus the mean of other domains' centroids, so
+            that it separates the new domain from the old ones), scaled to the mean norm of the
+            layer's existing rows so its logits start at the scale the trained rows have; or
+            ``N(0, init_method_std)`` (``random``).
 ``remove``  drops one expert (or every split chunk of one source) and its router rows; the rest
             is copied bit for bit. ``add`` followed by ``remove`` of the same name gives back the
             original tensors exactly.
@@ -49,11 +51,11 @@ import torch
 from .. import __version__
 from .. import checkpoint as fmt
 from ..checkpoint.provenance import git_revision
+from ..checkpoint.storage import COMMON_STATE_KEY, CheckpointReader, DistcpWriter, common_state_bytes, write_metadata
 from ..runtime.progress import Progress
 from . import plan as core
 from .router_init import ROUTER_INITS, centroid_router, compute_centroids, random_router
 from .sources import Source, inspect_source, model_config
-from .storage import COMMON_STATE_KEY, CheckpointReader, DistcpWriter, common_state_bytes, write_metadata
 from .units import DENSE_FC, LAYER_PREFIX, PART_BYTES, ROUTER_KEY, assign_units, out_key
 
 TOOL = "tools/edit_experts.py"
@@ -94,6 +96,10 @@ class AddOptions(EditOptions):
     """Precomputed [L, H] mean hidden states of the BTX model on the new domain (else computed)."""
     centroid_data: dict[str, list[str]] | None = None
     """NAME -> data prefixes of the new domain for ``router_init="centroid"``."""
+    contrast_data: dict[str, list[str]] | None = None
+    """Other domains' data (name -> prefixes): the row points from the mean of their centroids to
+    the new domain's instead of at the new domain's alone (negative examples, as in mergekit's
+    hidden-state gates), so it tells the new domain apart from the model's old ones."""
     centroid_samples: int = 16
     centroid_seq_length: int | None = None
     tokenizer_type: str | None = None
@@ -346,7 +352,12 @@ def prepare_add(opts: AddOptions) -> EditJob:
                              f"got {sorted(data) or 'none'}.")
         if not opts.tokenizer_type:
             raise ValueError("--centroid-data needs --tokenizer-type (and --tokenizer-model): the BTX model's tokenizer.")
-    elif opts.centroids is not None and tuple(opts.centroids.shape) != (base_cfg.num_layers, base_cfg.hidden_size):
+        if opts.contrast_data is not None and (not opts.contrast_data or name in opts.contrast_data):
+            raise ValueError(f"--centroid-contrast takes other domains' data (NAME=PREFIX, not {name}), got "
+                             f"{sorted(opts.contrast_data)}.")
+    elif opts.contrast_data:
+        raise ValueError("--centroid-contrast needs --router-init centroid with --centroid-data.")
+    if opts.centroids is not None and tuple(opts.centroids.shape) != (base_cfg.num_layers, base_cfg.hidden_size):
         raise ValueError(f"centroids have shape {list(opts.centroids.shape)}, expected [layers, hidden] = "
                          f"{[base_cfg.num_layers, base_cfg.hidden_size]}.")
     num_experts = len(names) + len(new_names)
@@ -502,14 +513,26 @@ def _run(opts: EditOptions, prepare) -> Path:
         if job.op == "add" and opts.router_init == "centroid":
             centroids = opts.centroids
             if centroids is None:
-                # The BTX model's own hidden states on the new domain (named like the branch so
-                # that compute_centroids finds its data).
-                model_source = dataclasses.replace(job.base, name=job.branch.name, flag="--load")
-                stacked, info = compute_centroids([model_source], opts, model_config)
-                centroids = stacked[0]
-                job.btx["edits"][-1]["centroid"] = {**info, "hidden_state": "pre-MLP-norm output of the --load "
-                                                    "model (the router's input) on the new domain"}
+                centroids, info = _btx_centroid(job, opts)
+                job.btx["edits"][-1]["centroid"] = info
         return _write(job, opts, centroids, rank, world)
+
+
+def _btx_centroid(job: EditJob, opts: AddOptions):
+    """The new row's direction [L, H]: the BTX model's own mean hidden state entering each MoE
+    layer on the new domain's data, minus the mean over the contrast domains' centroids if given.
+    (Every source of compute_centroids is the --load model, named like a domain so that it finds
+    that domain's data.)"""
+    contrast = dict(opts.contrast_data or {})
+    names = [job.branch.name, *contrast]
+    sources = [dataclasses.replace(job.base, name=n, flag="--load") for n in names]
+    merged = dataclasses.replace(opts, centroid_data={**opts.centroid_data, **contrast})
+    stacked, info = compute_centroids(sources, merged, model_config)
+    info["hidden_state"] = "pre-MLP-norm output of the --load model (the router's input)"
+    if not contrast:
+        return stacked[0], info
+    info["contrast"] = sorted(contrast)
+    return stacked[0] - stacked[1:].mean(0), info
 
 
 def _write(job: EditJob, opts: EditOptions, centroids, rank: int, world: int) -> Path:

@@ -1,19 +1,22 @@
 """Distributed BTX merge: dense branch checkpoints -> one MoE checkpoint ROOT (:func:`run_merge`).
 
 Every process runs :func:`run_merge`. Rank 0 checks the options and sources and builds the job
-(:func:`.options.prepare`); the output slices (:mod:`.units`) are dealt to the processes by the
-bytes each moves. A process streams its own slices through three stages that overlap:
+(:func:`.options.prepare`); the output parts (:mod:`.units`) are dealt to the processes by the
+bytes each moves. A process streams its own parts through three stages that overlap:
 
-1. IO threads read each slice's source boxes straight from the source ``.distcp`` files into
-   their destination (for BTX experts: the expert's place in the output tensor; no copy);
-2. the calling thread computes the slice (float64 averages in cache-sized blocks, expert
+1. IO threads locate each part's source boxes in the source ``.distcp`` files (:mod:`.storage`):
+   a BTX expert is an unchanged byte range of its branch and is only located (its bytes are
+   later copied file to file by the kernel); averaged boxes are mapped from the page cache
+   without a copy, or read straight into a reused buffer;
+2. the calling thread computes the part (float64 averages in cache-sized blocks, expert
    layouts, routers; :mod:`.plan`, :mod:`.router_init`);
-3. a writer thread appends it to the process's own ``__<rank>_0.distcp`` (:mod:`.storage`).
+3. a writer thread appends it to the process's own ``__<rank>_0.distcp``.
 
-Read-ahead and write-behind are bounded (``MergeOptions.max_inflight_mib``), so a process holds a
-few slices at a time, never a whole model: work, memory and files all scale as 1/W with W
-processes. Rank 0 then writes the DCP ``.metadata`` for every chunk: the keys and global shapes
-Megatron-Core's MoE ``GPTModel`` saves, so the result loads at any TP/PP/EP/expert-TP layout.
+Read-ahead, write-behind and idle buffers share ``MergeOptions.max_inflight_mib``, so a process
+holds a few parts at a time, never a whole model: its memory is that bound whatever the model
+size, and its work and output file are 1/W of the merge with W processes. Rank 0 then writes the
+DCP ``.metadata`` for every chunk: the keys and global shapes Megatron-Core's MoE ``GPTModel``
+saves, so the result loads at any TP/PP/EP/expert-TP layout.
 
 No process group is started for one plain process (the merge needs none); under torchrun/srun,
 or when centroid routers run the branch models, :func:`~btx_megatron.runtime.distributed.tool_process_group`
@@ -28,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 import shutil
 import sys
 import time
@@ -44,7 +46,7 @@ from . import plan as core
 from .options import TOOL, MergeJob, MergeOptions, prepare
 from .router_init import compute_centroids, router_weight
 from .sources import Source, model_config
-from .storage import (COMMON_STATE_KEY, BufferPool, CheckpointReader, DistcpWriter, WrittenChunk, common_state_bytes,
+from ..checkpoint.storage import (COMMON_STATE_KEY, BufferPool, CheckpointReader, DistcpWriter, WrittenChunk, common_state_bytes,
                       write_metadata)
 from .units import Unit, assign_units, unit_cost
 

@@ -9,7 +9,6 @@ shared through ``enable_gqa`` instead of being materialised.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention

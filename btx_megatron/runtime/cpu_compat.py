@@ -15,6 +15,7 @@ available, so GPU runs never see it. Everything here is process-global and idemp
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 
@@ -189,6 +190,35 @@ def _patch_megatron() -> None:
 
     # The sequence-parallel autograd functions look the helper up in their module at call time.
     mappings._gather_along_first_dim = _uneven_gather_along_first_dim(mappings._gather_along_first_dim)
+
+
+def eager_megatron_fusions() -> bool:
+    """Leave Megatron-Core's ``jit_fuser`` functions eager when CUDA is absent.
+
+    Upstream assumption: a GPU, where ``jit_fuser`` (``torch.compile``, applied as a decorator
+    while ``megatron.core`` is imported) fuses small elementwise kernels. Without CUDA the
+    decorators only cost the import of TorchDynamo and Inductor, 2-3 s of every process's
+    start-up, and a C++ compile at a helper's first call. Megatron-Core's own functions are
+    returned as they are (the same maths, unfused); ``torch.compile`` of anything else is
+    untouched. Must run before ``megatron.core`` is imported, so ``btx_megatron/__init__.py``
+    calls it. Returns whether it is active."""
+    if torch.cuda.is_available():
+        return False
+    real = torch.compile
+    if getattr(real, "_btx_eager_megatron", False):
+        return True
+
+    @functools.wraps(real)
+    def compile(model=None, **kwargs):
+        if model is None:  # the decorator-with-options form
+            return lambda fn: compile(fn, **kwargs)
+        if getattr(model, "__module__", "").startswith("megatron."):
+            return model
+        return real(model, **kwargs)
+
+    compile._btx_eager_megatron = True
+    torch.compile = compile
+    return True
 
 
 def enable() -> bool:

@@ -128,10 +128,14 @@ def initialize_distributed(
 
 
 def init_process_group(launch: LaunchEnv | None = None, *, backend: str | None = None,
-                       timeout_minutes: int = 10) -> bool:
+                       timeout_minutes: int = 10, megatron_on_cpu: bool = True) -> bool:
     """Start ``torch.distributed`` from the launch environment (nccl with CUDA, gloo without).
-    Returns False when a process group already exists (nothing is started)."""
-    cpu_compat.enable()
+    Returns False when a process group already exists (nothing is started).
+
+    ``megatron_on_cpu``: switch on the CPU compatibility layer for Megatron-Core (a no-op with
+    CUDA); tools that never run Megatron-Core code leave it off and do not import it."""
+    if megatron_on_cpu:
+        cpu_compat.enable()
     if torch.distributed.is_initialized():
         return False
     launch = launch or read_launch_env()
@@ -152,11 +156,12 @@ def init_process_group(launch: LaunchEnv | None = None, *, backend: str | None =
 
 @contextlib.contextmanager
 def tool_process_group(backend: str | None = "gloo"):
-    """The process group of an offline tool (merge, conversion): every process of a
-    torchrun/srun launch, or a world of one when run plainly. Checkpoint IO needs a group even
-    for one process; tensors stay on the CPU, hence gloo. A group this call started is
-    destroyed on exit; an existing one (the caller's) is used as it is."""
-    started = init_process_group(backend=backend)
+    """The process group of an offline tool (merge, expert edits): every process of a
+    torchrun/srun launch, or a world of one when run plainly. Tensors stay on the CPU, hence
+    gloo; Megatron-Core is not set up (a tool that builds a model calls
+    :func:`initialize_distributed`). A group this call started is destroyed on exit; an
+    existing one (the caller's) is used as it is."""
+    started = init_process_group(backend=backend, megatron_on_cpu=False)
     try:
         yield
     finally:
@@ -173,9 +178,8 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # not imported: nothing to tear down
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -138,7 +138,9 @@ def _layer_activation_bytes_per_token(m, layout: Layout, cfg, act: int, fused: b
     if not m.is_moe:
         return attention + act * (norm + hidden + mlp(m.ffn_hidden_size / tp))
     router_bytes = 4 if m.moe_router_dtype == "fp32" or act == 4 else act
-    moe = act * norm + router_bytes * hidden + 4 * 4 * m.num_experts * hidden / h
+    share = hidden / h   # the router sees this rank's sequence shard
+    # Pre-MLP norm, router input, and the router's fp32 logits/probabilities/scores/map (E each).
+    moe = act * norm + router_bytes * hidden + 4 * 4 * m.num_experts * share
     # Per routed token: the expert input, its FFN, and the probability-scaled FFN output.
     expert_ffn = m.expert_ffn_hidden_size / etp
     moe += _routed_tokens_per_token(m, layout) * act * (h + mlp(expert_ffn) + (0 if fused else expert_ffn))
@@ -161,7 +163,7 @@ def _dispatcher_bytes(m, layout: Layout, tokens: int, act: int, dispatcher: str)
     if dispatcher == "allgather":
         gathered = tokens_in * layout.etp * layout.ep   # hidden states and routing probs
         return gathered * (act * m.hidden_size + 4 * m.num_experts)
-    k = routed / (tokens_in * layout.etp)
+    k = _routed_tokens_per_token(m, layout) * layout.tp / layout.etp   # experts per token
     return act * (tokens_in * k + routed) * m.hidden_size   # permuted to send, and received
 
 
@@ -230,10 +232,6 @@ def stage_estimates(cfg, world_size: int, *, gpu: bool | None = None) -> list[Me
     return [estimate_memory(cfg, world_size, r, gpu=gpu) for r in range(cfg.parallel.pipeline_model_parallel_size)]
 
 
-def _gib(x: float) -> str:
-    return f"{x / GIB:8.2f} GiB"
-
-
 def memory_report(cfg, world_size: int, device_memory_gib: float | None = None, *, gpu: bool | None = None) -> str:
     """The per-device memory table of ``cfg`` on ``world_size`` ranks (every pipeline stage).
 
@@ -257,16 +255,17 @@ def memory_report(cfg, world_size: int, device_memory_gib: float | None = None, 
         f"{cfg.precision.params_dtype_name}, micro batch {cfg.train.micro_batch_size} x {cfg.model.seq_length}, "
         f"{layout.num_microbatches} micro batches per step; {'GPU' if gpu else 'CPU'} kernels",
     ]
-    header = f"  {'':46}" + "".join(f"{'stage ' + str(e.pp_rank):>13}" for e in estimates)
+    header = f"  {'':56}" + "".join(f"{'stage ' + str(e.pp_rank):>13}" for e in estimates)
     lines.append(header)
 
     def row(label, values):
-        lines.append(f"  {label:46}" + "".join(f"{v / GIB:9.2f} GiB" for v in values))
+        lines.append(f"  {label:56}" + "".join(f"{v / GIB:9.2f} GiB" for v in values))
 
     row("weights", [e.weights for e in estimates])
     row("gradients (fp32 buffer)", [e.gradients for e in estimates])
     row("optimizer, replicated", [e.optimizer_replicated for e in estimates])
-    row(f"optimizer, distributed over DP {layout.dp}", [e.optimizer_distributed for e in estimates])
+    shards = f"DP {layout.dp}" + (f", experts over expert DP {layout.expert_dp}" if cfg.model.is_moe else "")
+    row(f"optimizer, distributed ({shards})", [e.optimizer_distributed for e in estimates])
     row("activations, no recompute", [e.activations_no_recompute for e in estimates])
     row("activations, full recompute", [e.activations_full_recompute for e in estimates])
     if cfg.model.is_moe:
@@ -322,8 +321,10 @@ def plan_report(cfg, world_size: int, *, mfu: float = DEFAULT_MFU, peak_tflops: 
     ]
     if t.train_iters:
         seconds = t.train_iters * tokens_per_step / tokens_per_s
-        lines.append(f"  {t.train_iters:,} iterations = {t.train_iters * tokens_per_step / 1e9:.1f} B tokens "
-                     f"in {seconds / 3600:.1f} h ({seconds / 86400:.2f} days)")
+        tokens = t.train_iters * tokens_per_step
+        amount = f"{tokens / 1e9:.1f} B" if tokens >= 1e9 else f"{tokens / 1e6:.1f} M"
+        duration = f"{seconds / 3600:.1f} h ({seconds / 86400:.2f} days)" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+        lines.append(f"  --train-iters {t.train_iters:,} = {amount} tokens in {duration}")
     return "\n".join(lines)
 
 

@@ -38,7 +38,6 @@ def setup_training(cfg, *, with_optimizer: bool = True) -> TrainingSetup:
     (model, mixed precision, DDP, optimizer, schedule, schedule hooks), as in torchtitan's
     parallelize step, instead of being spread over helpers."""
     p, t, prec = cfg.parallel, cfg.train, cfg.precision
-    world = torch.distributed.get_world_size()
     dp = parallel_state.get_data_parallel_world_size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
 
@@ -124,5 +123,4 @@ def setup_training(cfg, *, with_optimizer: bool = True) -> TrainingSetup:
     forward_backward = get_forward_backward_func(
         pp_size=p.pipeline_model_parallel_size, vp_size=virtual_pipeline_size(cfg)
     )
-    del world
     return TrainingSetup(tconfig, model, optimizer, scheduler, forward_backward, num_microbatches, dp)

@@ -16,8 +16,8 @@ from safetensors import safe_open  # noqa: E402
 
 from btx_megatron import checkpoint as fmt  # noqa: E402
 from btx_megatron.convert import export_hf, import_hf, mapping  # noqa: E402
-from convert_workers import megatron_logits, megatron_model, megatron_token_loss, relayout  # noqa: E402
-from dist_utils import run_distributed  # noqa: E402
+from tests.convert.convert_workers import megatron_logits, megatron_model, megatron_token_loss, relayout  # noqa: E402
+from tests.dist_utils import run_distributed  # noqa: E402
 
 VOCAB = 250  # padded to 256 by the default --make-vocab-size-divisible-by 128
 HF_SIZES = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=100, num_hidden_layers=4,
@@ -210,6 +210,7 @@ def _same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.slow  # an 8-process layout
 def test_round_trip_from_tp2_pp2_ep2_gives_same_files(llama_root, mixtral_root, tmp_path):
     """Load the imported checkpoints at TP2/PP2 (dense) and PP2/EP2 (MoE) with the trainer's
     loader, save them with the trainer's saver, export: byte-identical to the TP1 export."""
@@ -344,4 +345,30 @@ def test_export_refuses_optimizer_only_and_inexpressible_routers(mixtral_root, t
     assert "sample-top1" in json.loads((out / "btx_export.json").read_text())["router_note"]
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         export_hf(sampled, out, progress=False, allow_approximate_router=True)
+    _no_leftovers(tmp_path)
+
+
+def test_overwrite_never_replaces_a_source_or_a_foreign_directory(llama_dir, llama_root, tmp_path):
+    def files(path: Path) -> dict[str, int]:
+        return {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+
+    hf_before, root_before = files(llama_dir), files(llama_root)
+    for output in (llama_dir, llama_dir.parent, llama_dir / "sub"):
+        with pytest.raises(ValueError, match="source"):
+            import_hf(llama_dir, output, overwrite=True, progress=False)
+    for output in (llama_root, llama_root / "hf"):
+        with pytest.raises(ValueError, match="source"):
+            export_hf(llama_root, output, overwrite=True, progress=False)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an output of this tool"):
+        import_hf(llama_dir, foreign, overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="not an output of this tool"):
+        export_hf(llama_root, foreign, overwrite=True, progress=False)
+    assert files(llama_dir) == hf_before and files(llama_root) == root_before
+    assert (foreign / "keep.txt").read_text() == "mine"
+    # An earlier output of the same tool is replaced.
+    out = export_hf(llama_root, tmp_path / "hf", progress=False)
+    assert export_hf(llama_root, out, overwrite=True, progress=False) == out
     _no_leftovers(tmp_path)

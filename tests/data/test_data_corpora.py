@@ -4,9 +4,10 @@ import hashlib
 import json
 import os
 
+from tests.tools import load_tool
 import pytest
 
-from btx_data_testlib import REPO_ROOT, train_tiny_tokenizer
+from tests.data.btx_data_testlib import train_tiny_tokenizer
 
 from btx_megatron.data import CorporaConfig, build_corpora, build_domain_eval_datasets, build_tokenizer
 from btx_megatron.data.corpora import roff_to_text
@@ -95,7 +96,7 @@ def test_build_corpora_is_deterministic_and_skips_finished_work(corpora, tmp_pat
 
 def test_domain_eval_on_built_corpora(corpora):
     out, manifest = corpora
-    from btx_data_testlib import DataCfg
+    from tests.data.btx_data_testlib import DataCfg
 
     model = os.path.join(out, manifest["tokenizer"]["path"])
     cfg = DataCfg(tokenizer_model=model, eval_domains={d: [os.path.join(out, s["valid"]["prefix"])] for d, s in manifest["domains"].items()})
@@ -104,14 +105,8 @@ def test_domain_eval_on_built_corpora(corpora):
 
 
 def test_cli(tmp_path, capsys):
-    import sys
 
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    try:
-        import build_corpora as cli
-        import train_tokenizer
-    finally:
-        sys.path.pop(0)
+    cli, train_tokenizer = load_tool("build_corpora"), load_tool("train_tokenizer")
     assert cli.main(["--output", str(tmp_path / "c"), "--tokens-per-domain", "10"]) == 2
     assert "too small" in capsys.readouterr().err
     text = tmp_path / "t.txt"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from btx_data_testlib import DataCfg, preprocess_texts, train_tiny_tokenizer
+from tests.data.btx_data_testlib import DataCfg, preprocess_texts, train_tiny_tokenizer
 
 from btx_megatron.data import (
     build_domain_eval_datasets,

@@ -4,12 +4,12 @@ import io
 import json
 import os
 import signal
-import sys
 import time
 
+from tests.tools import load_tool
 import pytest
 
-from btx_data_testlib import REPO_ROOT, ROUND_TRIP_TEXTS, preprocess_texts, train_tiny_tokenizer, write_jsonl
+from tests.data.btx_data_testlib import ROUND_TRIP_TEXTS, preprocess_texts, train_tiny_tokenizer, write_jsonl
 
 from btx_megatron.data import build_tokenizer
 from btx_megatron.data.preprocess import PreprocessConfig, preprocess
@@ -168,11 +168,7 @@ def test_killed_process_leaves_no_pair(tmp_path, tokenizer_model):
 
 
 def test_cli_main(tmp_path, tokenizer_model, capsys):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    try:
-        import preprocess_data
-    finally:
-        sys.path.pop(0)
+    preprocess_data = load_tool("preprocess_data")
     jsonl = write_jsonl(str(tmp_path / "in.jsonl"), ["alpha beta", "gamma"])
     rc = preprocess_data.main(["--input", jsonl, "--output-prefix", str(tmp_path / "cli"), "--tokenizer-type",
                                "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model, "--append-eod", "--workers", "2"])
@@ -188,7 +184,7 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from btx_megatron.data import build_pretraining_datasets
-    from btx_data_testlib import DataCfg
+    from tests.data.btx_data_testlib import DataCfg
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

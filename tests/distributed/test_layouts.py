@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dist_utils import run_distributed
-from workers import TINY_DENSE, TINY_MOE, train
+from tests.dist_utils import run_distributed
+from tests.distributed.workers import TINY_DENSE, TINY_MOE, train
 
 STEPS = 10
 
@@ -45,7 +45,7 @@ def dense_reference(dense_init):
         ["--tensor-model-parallel-size", "2"],
         ["--pipeline-model-parallel-size", "2"],
         ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-        [],  # DP2
+        pytest.param([], marks=pytest.mark.slow),  # DP2 (dp2-distopt runs in the default tier)
         ["--use-distributed-optimizer"],  # DP2 with the distributed optimizer
     ],
     ids=["tp2", "pp2", "pp2-interleaved", "dp2", "dp2-distopt"],

@@ -14,8 +14,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from btx_megatron import checkpoint as fmt
-from dist_utils import run_distributed
-from workers import TINY_DENSE, TINY_MOE, train
+from tests.dist_utils import run_distributed
+from tests.distributed.workers import TINY_DENSE, TINY_MOE, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,7 @@ def _weights(ckpt_root: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(("decoder.", "embedding.", "output_layer."))}
 
 
+@pytest.mark.slow  # the fault-injection chains prove bit-exact resume in the default tier
 @pytest.mark.parametrize(
     "model", [TINY_DENSE, TINY_MOE + ["--expert-model-parallel-size", "2"]], ids=["dense_dp2", "moe_ep2"]
 )
@@ -60,6 +61,7 @@ def tp1_run(tmp_path_factory):
     return base, reference["losses"]
 
 
+@pytest.mark.slow  # test_fully_reshardable_optimizer_state_changes_layout reshards in the default tier
 @pytest.mark.parametrize(
     "layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"]
 )
@@ -74,6 +76,7 @@ def test_checkpoint_reshards_to_other_layouts(tp1_run, layout, tmp_path):
     assert resumed["losses"] == pytest.approx(reference, rel=2e-5, abs=2e-5)
 
 
+@pytest.mark.slow  # an error path of a 2-process run
 def test_dp_reshardable_optimizer_state_refuses_layout_change(tmp_path):
     argv = TINY_DENSE + ["--use-distributed-optimizer"]
     run_distributed(train, 2, argv + ["--train-iters", "1", "--save", str(tmp_path / "a")])
@@ -110,6 +113,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # tests/training/test_fault_injection.py kills saves in the default tier
 def test_save_killed_midway_never_becomes_latest(tmp_path):
     save = tmp_path / "run"
     argv = TINY_DENSE + ["--train-iters", "6", "--save-interval", "2", "--save", str(save)]

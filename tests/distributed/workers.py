@@ -27,8 +27,6 @@ def train(argv: list[str]) -> dict:
 
 def load_and_forward(argv: list[str], load: str) -> list[float]:
     """Per-sample mean loss of a fixed batch after loading ``load`` (logits parity checks)."""
-    from megatron.core import parallel_state
-
     from btx_megatron.config import parse_config
     from btx_megatron.models import virtual_pipeline_size
     from btx_megatron.pretrain import resolve_vocab

@@ -159,11 +159,11 @@ def test_every_stage_output(run):
         values = [r["average_ppl"], *(r["domains"][d]["ppl"] for d in DOMAINS), r["train_tokens"], r["train_flops"]]
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), r
     # Downstream accuracy on the built-in tasks, per domain, for every model but the ensemble and
-    # the forced-routing row. At this test scale (32-token window) the worked math solutions do
-    # not fit, so the math task is left out; code and prose run.
+    # the forced-routing row. At this test scale (32-token window) neither the worked math
+    # solutions nor the code next-line choices fit, so those tasks are left out; prose runs.
     assert set(results["accuracy"]) == set(TASK_MODELS)
     for m, acc in results["accuracy"].items():
-        assert set(acc) == {"code", "wiki"} and all(0.0 <= v <= 1.0 for v in acc.values()), (m, acc)
+        assert set(acc) == {"wiki"} and all(0.0 <= v <= 1.0 for v in acc.values()), (m, acc)
     table = (out / "report" / "results.md").read_text()
     assert "## Downstream accuracy" in table
     assert "| BTX topk-2 |" in table and "| dense (compute-matched) |" in table
@@ -190,6 +190,7 @@ def test_second_run_reuses_every_stage(run):
     assert stdout.count("up to date, reused") == len(before)
 
 
+@pytest.mark.slow  # retrains a branch and everything after it
 def test_damaged_branch_checkpoint_is_rebuilt(run):
     out = run["out"]
     before = stages(out)
@@ -212,6 +213,7 @@ def test_damaged_branch_checkpoint_is_rebuilt(run):
     assert all(r["status"] == "done" for r in after.values())
 
 
+@pytest.mark.slow  # a second pipeline run
 def test_a_configuration_that_differs_in_the_mix_reuses_seed_and_branches(run):
     """A second experiment (a sweep's next configuration) with another mix phase and the same
     shared runs directory trains no seed and no branches: it adopts them."""

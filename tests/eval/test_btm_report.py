@@ -77,7 +77,7 @@ def test_tfidf_sanity_on_builtin_corpora(corpora):
     """Real corpora: a math text is closest to the math branch, and so are held-out math sequences."""
     from btx_megatron.config import Config
     from btx_megatron.data import build_domain_eval_datasets, build_tokenizer
-    from eval_helpers import DOMAINS, domain_prefixes, tokenizer_flags
+    from tests.eval.eval_helpers import DOMAINS, domain_prefixes, tokenizer_flags
 
     tok = tokenizer_flags(corpora)
     cfg = Config.from_dict({"model": {"vocab_size": 1000, "seq_length": 64}, "train": {"seed": 1234}, "data": tok})

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 
+from tests.tools import load_tool
 import pytest
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 BRANCHES = {"math": "dense_a", "code": "dense_b", "wiki": "moe"}
 
@@ -30,7 +31,7 @@ def _hand_losses(path: str, corpora: str, num_samples: int) -> dict:
     from btx_megatron.data import build_domain_eval_datasets, build_tokenizer
     from btx_megatron.models import build_model_chunks, transformer_config
     from btx_megatron.training.checkpointing import load_model_weights
-    from eval_helpers import domain_prefixes, tokenizer_flags
+    from tests.eval.eval_helpers import domain_prefixes, tokenizer_flags
 
     manifest = fmt.read_manifest(fmt.resolve(path)[0])
     tok = tokenizer_flags(corpora)
@@ -63,7 +64,7 @@ def _worker(corpora: str, work: str) -> dict:
 
     from btx_megatron.eval.btm import BTMOptions, evaluate_btm
     from btx_megatron.eval.perplexity import evaluate_checkpoint
-    from eval_helpers import domain_prefixes, make_checkpoints, tokenizer_flags
+    from tests.eval.eval_helpers import domain_prefixes, make_checkpoints, tokenizer_flags
 
     ckpts = make_checkpoints(work, {
         "dense_a": ["--seed", "3"], "dense_b": ["--seed", "4"],
@@ -103,8 +104,7 @@ def _worker(corpora: str, work: str) -> dict:
     except ValueError as exc:
         res["bad_expert"] = str(exc)
     # The command line on the dense checkpoint.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    import evaluate as cli
+    cli = load_tool("evaluate")
 
     out = Path(work) / "cli.json"
     argv = ["--load", ckpts["dense_a"], "--output", str(out), "--micro-batch-size", "3",

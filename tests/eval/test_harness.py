@@ -20,15 +20,16 @@ import json
 import shutil
 from pathlib import Path
 
+from tests.tools import load_tool
 import pytest
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 KINDS = ("dense", "moe")
 
 
 def _make(corpora: str, work: str) -> dict:
-    from eval_helpers import make_harness_models
+    from tests.eval.eval_helpers import make_harness_models
 
     return make_harness_models(work, corpora)
 
@@ -49,7 +50,7 @@ def _texts(corpora: str) -> list[str]:
 
 def _megatron(models: dict, corpora: str, kind: str, **layout):
     from btx_megatron.eval.harness import MegatronLM
-    from eval_helpers import HARNESS_SEQ, tokenizer_flags
+    from tests.eval.eval_helpers import HARNESS_SEQ, tokenizer_flags
 
     return MegatronLM(models[kind]["ckpt"], seq_length=HARNESS_SEQ, batch_size=8, **layout, **tokenizer_flags(corpora))
 
@@ -60,7 +61,7 @@ def _score(lm, models: dict, corpora: str, selection=None) -> dict:
 
     from btx_megatron.eval.harness import load_tasks, run_tasks
     from btx_megatron.eval.tasks import BUILTIN
-    from eval_helpers import accuracies, task_responses
+    from tests.eval.eval_helpers import accuracies, task_responses
 
     selection = selection or load_tasks(list(BUILTIN), include_path=models["task_dir"], echo=None)
     results = run_tasks(lm, selection, log_samples=True)
@@ -81,7 +82,6 @@ def _generate(lm, corpora: str, record_experts: bool = False, **sampling) -> lis
 def _parity_worker(models: dict, corpora: str, work: str) -> dict:
     import contextlib
     import io
-    import sys
 
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -89,7 +89,7 @@ def _parity_worker(models: dict, corpora: str, work: str) -> dict:
     from btx_megatron.eval.generation import GenerationOptions, generate
     from btx_megatron.eval.harness import load_tasks
     from btx_megatron.eval.tasks import BUILTIN, TaskSpec
-    from eval_helpers import HARNESS_SEQ, tokenizer_flags
+    from tests.eval.eval_helpers import HARNESS_SEQ, tokenizer_flags
 
     from lm_eval.api.registry import get_model
 
@@ -160,8 +160,7 @@ def _parity_worker(models: dict, corpora: str, work: str) -> dict:
     (task_dir / "btx_missing.yaml").write_text(
         "task: btx_missing\ndataset_path: btx-nonexistent/dataset\ntest_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    import evaluate as cli
+    cli = load_tool("evaluate")
 
     tok = tokenizer_flags(corpora)
     stdout, stderr = io.StringIO(), io.StringIO()

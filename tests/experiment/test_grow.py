@@ -22,7 +22,6 @@ from btx_megatron.experiment.state import PipelineError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "examples" / "tiny" / "experiment.yaml"
-sys.path.insert(0, str(ROOT / "tests" / "data"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests" / "data"))
 def _fake_corpora(root: Path) -> Path:
     """A corpora directory as build_corpora leaves it, as far as an extra domain reads it: the
     tokenizer and manifest.json (the three domains' data is not needed)."""
-    from btx_data_testlib import train_tiny_tokenizer
+    from tests.data.btx_data_testlib import train_tiny_tokenizer
     from btx_megatron.data.corpora import sha256_file
 
     tok = train_tiny_tokenizer(str(root / "tok_build"))
@@ -123,11 +122,18 @@ def test_grow_plans(pipeline, tmp_path):
         assert weights == pytest.approx({"math_train": 0.27 + 0.19 / 3, "code_train": 0.27 + 0.19 / 3,
                                          "wiki_train": 0.27 + 0.19 / 3, "headers_train": 0.27})
     assert plans["mix"].init_checkpoint == str(grow.added_dir)
+    # (c) continues the trained model at the LR its mix phase ended at; (c') re-warms to the peak.
+    assert (plans["mix"].config.train.lr, plans["mix"].config.train.min_lr) == (1e-4, 1e-5)
+    assert (plans["mix_peak"].config.train.lr, plans["mix_peak"].config.train.min_lr) == (1e-3, 1e-4)
     assert plans["rebuild"].init_checkpoint == str(grow.out / "rebuild_merged")
-    # (d): only the new expert and its router rows train, on the new domain alone.
-    argv = plans["expert"].base_argv()
-    assert argv[argv.index("--train-experts") + 1] == "headers" and "--train-router" in argv
-    assert [Path(e.prefix).name for e in plans["expert"].blend] == ["headers_train"]
+    # (d): only the new expert and its router rows train, on the new domain alone; (d0) without
+    # the router rows; (d*) with them, on every domain's data.
+    for key, router, blend in (("expert", True, ["headers_train"]), ("expert_only", False, ["headers_train"]),
+                               ("expert_all", True, [Path(e.prefix).name for e in plans["mix"].blend])):
+        argv = plans[key].base_argv()
+        assert argv[argv.index("--train-experts") + 1] == "headers" and ("--train-router" in argv) == router
+        assert [Path(e.prefix).name for e in plans[key].blend] == blend
+        assert plans[key].config.train.lr == 1e-3 and plans[key].init_checkpoint == str(grow.added_dir)
     # BTX without wiki: 3 experts, as long as the experiment's mix, no wiki data in any share.
     without = plans["without"]
     assert without.config.model.num_experts == 3 and without.config.train.train_iters == 150
@@ -157,9 +163,10 @@ def test_report_tables_on_given_numbers(tmp_path):
            "expert": {**base, "headers": 9.0},
            "rebuild": {**base, "math": 2.1, "headers": 8.5},
            "branch": {"code": 30.0, "math": 9.0, "wiki": 50.0, "headers": 7.0},
-           "expert_minus": base, "mix_minus": {**base, "code": 10.1, "headers": 35.0},
+           "expert_minus": base, "mix_minus": {**base, "code": 10.0, "headers": 35.0},
            "btx_minus": {**base, "math": 2.03, "wiki": 24.0}, "without": {**base, "wiki": 23.0}}
     labels = {k: f"label {k}" for k in ppl}
+    short = {k: f"<{k}>" for k in ppl}
     added = {"btx": 0.0, "added": 1e12, "mix": 2e12, "expert": 1.8e12, "rebuild": 2e12, "branch": 1e12}
     grow_rows = [{"key": k, "label": labels[k], "ppl": ppl[k], "added_flops": added[k],
                   "old_change": {o: ppl[k][o] / base[o] - 1 for o in old}} for k in added]
@@ -171,16 +178,16 @@ def test_report_tables_on_given_numbers(tmp_path):
     assert remove_rows[2]["removed_gap"] == pytest.approx(24 / 23 - 1)
     assert remove_rows[2]["remaining_change"] == pytest.approx({"code": 0.0, "math": 0.015, "headers": 0.0})
     s = {"domain": "headers", "old_domains": old, "remove_domain": "wiki", "steps": 50, "router_init": "centroid",
-         "train_router": True, "labels": labels, "ppl": ppl, "grow": grow_rows, "remove": remove_rows, "flops": {},
-         "tolerances": {"old_domains_after_add": 0.02, "remaining_after_remove": 0.01}}
+         "labels": labels, "short": short, "ppl": ppl, "grow": grow_rows, "remove": remove_rows,
+         "flops": {}, "tolerances": {"old_domains_after_add": 0.02, "remaining_after_remove": 0.01}}
     text = format_grow_markdown(s)
     lines = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| label")}
     assert "max +3.00% (wiki) (over 2%)" in lines["label added"] and "30.00" in lines["label added"]
     assert "max +1.00% (code) |" in lines["label mix"] and "2.00T" in lines["label mix"]
-    assert "headers: +0.00% vs label btx (bit-identical to it)" in lines["label expert_minus"]
-    assert "headers: -12.50% vs label btx" in lines["label mix_minus"]
-    assert "wiki: +4.35% vs label without" in lines["label btx_minus"]
-    assert "max +1.50% (math) vs label btx (over 1%)" in lines["label btx_minus"]
+    assert "headers: +0.00% vs <btx> (bit-identical to it)" in lines["label expert_minus"]
+    assert "headers: -12.50% vs <btx> | max -0.99% (code) vs <mix> |" in lines["label mix_minus"]
+    assert "wiki: +4.35% vs <without>" in lines["label btx_minus"]
+    assert "max +1.50% (math) vs <btx> (over 1%)" in lines["label btx_minus"]
     assert "| label without | 10.00 | 2.00 | 23.00 | 40.00 | reference | - |" in text
     write_grow_report(tmp_path / "report", s)
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"grow.md", "grow.json", "grow.png", "remove.png"}
@@ -197,12 +204,14 @@ def test_grow_stage_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BTX_RUN_DIR"}
     base = [sys.executable, str(ROOT / "tools" / "run_experiment.py"), str(EXPERIMENT), "--overrides", str(scale),
             "--output", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
-    for extra in ([], ["--stages", "grow"]):
+    # The grow stage needs the finished seed, branches and mix phase only.
+    for extra in (["--stages", "corpora", "seed", "branches", "merge", "mix"], ["--stages", "grow"]):
         done = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "grow" / "report" / "grow.json").read_text())
-    assert report["steps"] == 2 and [r["key"] for r in report["grow"]][:5] == ["btx", "added", "mix", "expert",
-                                                                              "rebuild"]
+    assert report["steps"] == 2
+    assert [r["key"] for r in report["grow"]] == ["btx", "added", "mix", "mix_peak", "expert_only", "expert",
+                                                  "expert_all", "rebuild", "branch"]
     ppl = report["ppl"]
     # (d) trains only the new expert: its removal gives the BTX model back exactly.
     first = report["remove"][0]

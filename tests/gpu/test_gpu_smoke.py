@@ -9,8 +9,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_single_gpu_training_matches_cpu_reference_and_learns(tmp_path):
-    from dist_utils import run_distributed
-    from workers import TINY_DENSE, train
+    from tests.dist_utils import run_distributed
+    from tests.distributed.workers import TINY_DENSE, train
 
     fp32 = run_distributed(train, 1, TINY_DENSE + ["--train-iters", "8"])[0]["losses"]
     bf16 = run_distributed(train, 1, TINY_DENSE + ["--train-iters", "8", "--bf16"])[0]["losses"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from merge_fixtures import make_branch, merge
+from tests.merge.merge_fixtures import make_branch, merge
 
 
 @pytest.fixture(scope="session")

@@ -141,10 +141,12 @@ def reference_average(tensors: list[torch.Tensor], weights: list[float], dtype: 
     return (acc if total == 1.0 else acc / total).to(dtype)
 
 
-def cast_checkpoint(src_root: str | Path, dst_root: str | Path, dtype: torch.dtype) -> Path:
+def cast_checkpoint(src_root: str | Path, dst_root: str | Path, dtype: torch.dtype, strided: tuple[str, ...] = ()) -> Path:
     """A copy of a checkpoint ROOT with every model tensor cast to ``dtype``, written with
     PyTorch's own DCP writer as whole tensors (one chunk per key: a layout Megatron's saver never
-    writes, so readers must cut layer slices out of multi-layer chunks)."""
+    writes, so readers must cut layer slices out of multi-layer chunks). Keys in ``strided`` are
+    saved as transposed views (same values, column-major records that no reader can address
+    directly)."""
     import json
     import shutil
 
@@ -153,6 +155,8 @@ def cast_checkpoint(src_root: str | Path, dst_root: str | Path, dtype: torch.dty
     src, dst = iter_dir(src_root), iter_dir(dst_root)
     dst.mkdir(parents=True)
     state = {k: v.to(dtype) for k, v in read_dcp(src).items()}
+    for k in strided:
+        state[k] = state[k].transpose(-1, -2).contiguous().transpose(-1, -2)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dst)), no_dist=True)
     shutil.copy(src / "metadata.json", dst / "metadata.json")
     manifest = json.loads((src / "btx_checkpoint.json").read_text())

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from merge_fixtures import (DENSE_FC1, DENSE_FC2, FC1, FC2, L, ROUTER, TINY, build, iter_dir as _iter, load,
+from tests.dist_utils import run_distributed
+from tests.merge.merge_fixtures import (DENSE_FC1, DENSE_FC2, FC1, FC2, L, ROUTER, TINY, build, iter_dir as _iter, load,
                             logits_of, make_branch, moe_argv, parse, read_dcp, reference_average, tokens as tokens_of,
                             write_token_dataset)
 
@@ -113,24 +113,18 @@ def test_blend_shared_weights(work, grown, tmp_path):
     assert manifest(tmp_path / "blend")["btx"]["edits"][-1]["blend_shared"] == w
 
 
-def test_centroid_row_is_the_btx_models_hidden_state_scaled_like_its_rows(work, grown, tmp_path):
+def _mean_hidden_states(model_root, prefix: str, num_experts: int) -> torch.Tensor:
+    """[L, H]: the mean pre-MLP-norm output (the router's input) of an MoE checkpoint on the 4
+    samples the centroid computation draws from ``prefix``."""
     from btx_megatron.config.schema import DataConfig
     from btx_megatron.data.datasets import build_domain_eval_datasets
     from btx_megatron.data.tokenizers import build_tokenizer
 
-    prefix = write_token_dataset(tmp_path / "new_data", seed=3, low=100)
-    argv = ["add", "--load", str(work["merged"]), "--branch", f"{NEW}={grown['branch']}", "--output",
-            str(tmp_path / "out"), "--router-init", "centroid", "--centroid-data", f"{NEW}={prefix}",
-            "--tokenizer-type", "NullTokenizer", "--centroid-samples", "4", "--quiet"]
-    assert cli().main(argv) == 0
-    router = read_dcp(_iter(tmp_path / "out"))[ROUTER]
-    assert manifest(tmp_path / "out")["btx"]["edits"][-1]["centroid"]["tokens"] == {NEW: 64}
-    # Reference: the mean pre-MLP-norm output of the BTX model itself on the same 4 samples.
-    ds = build_domain_eval_datasets(DataConfig(eval_domains={NEW: [prefix]}, tokenizer_type="NullTokenizer"),
+    ds = build_domain_eval_datasets(DataConfig(eval_domains={"d": [prefix]}, tokenizer_type="NullTokenizer"),
                                     build_tokenizer("NullTokenizer", None, 200), seq_length=16, seed=1234,
-                                    num_samples=4)[NEW]
-    moe = build(parse(moe_argv(3, 2)))[0]
-    load([moe], work["merged"])
+                                    num_samples=4)["d"]
+    moe = build(parse(moe_argv(num_experts, 2)))[0]
+    load([moe], model_root)
     moe.eval()
     acts = {l: [] for l in range(L)}
     for l in range(L):
@@ -140,13 +134,34 @@ def test_centroid_row_is_the_btx_models_hidden_state_scaled_like_its_rows(work, 
         for i in range(4):
             tok = torch.as_tensor(ds[i]["tokens"]).long().unsqueeze(0)
             moe(tok, torch.arange(tok.shape[1]).unsqueeze(0), None)
+    return torch.stack([torch.cat(acts[l]).mean(0) for l in range(L)])
+
+
+def test_centroid_row_is_the_btx_models_hidden_state_scaled_like_its_rows(work, grown, tmp_path):
+    prefix = write_token_dataset(tmp_path / "new_data", seed=3, low=100)
+    other = write_token_dataset(tmp_path / "old_data", seed=4, low=0)
+    argv = ["add", "--load", str(work["merged"]), "--branch", f"{NEW}={grown['branch']}", "--output",
+            str(tmp_path / "out"), "--router-init", "centroid", "--centroid-data", f"{NEW}={prefix}",
+            "--tokenizer-type", "NullTokenizer", "--centroid-samples", "4", "--quiet"]
+    assert cli().main(argv) == 0
+    contrast = argv + ["--centroid-contrast", f"math={other}"]
+    contrast[contrast.index("--output") + 1] = str(tmp_path / "contrast")
+    assert cli().main(contrast) == 0
+    info = manifest(tmp_path / "contrast")["btx"]["edits"][-1]["centroid"]
+    assert info["tokens"] == {NEW: 64, "math": 64} and info["contrast"] == ["math"]
+    # Reference: the mean pre-MLP-norm output of the BTX model itself on the same samples; the
+    # row is that direction (minus the other domain's with --centroid-contrast), at the mean
+    # norm of the layer's existing rows.
+    new, old = (_mean_hidden_states(work["merged"], p, 3) for p in (prefix, other))
     original = read_dcp(_iter(work["merged"]))[ROUTER]
-    for l in range(L):
-        want = torch.cat(acts[l]).mean(0)
-        cos = torch.nn.functional.cosine_similarity(router[l, 3].double(), want, dim=0)
-        assert float(cos) > 1 - 1e-6
-        torch.testing.assert_close(router[l, 3].double().norm(), original[l].double().norm(dim=-1).mean(),
-                                   rtol=1e-6, atol=0)
+    for out, want in (("out", new), ("contrast", new - old)):
+        router = read_dcp(_iter(tmp_path / out))[ROUTER]
+        for l in range(L):
+            cos = torch.nn.functional.cosine_similarity(router[l, 3].double(), want[l], dim=0)
+            assert float(cos) > 1 - 1e-6, (out, l)
+            torch.testing.assert_close(router[l, 3].double().norm(), original[l].double().norm(dim=-1).mean(),
+                                       rtol=1e-6, atol=0)
+    assert float(torch.nn.functional.cosine_similarity(new[0], new[0] - old[0], dim=0)) < 0.99  # they differ
     # Centroid without data for the new domain: refused, nothing written.
     bad = argv[:argv.index("--centroid-data")] + argv[argv.index("--tokenizer-type"):]
     bad[bad.index("--output") + 1] = str(tmp_path / "o2")
@@ -193,7 +208,7 @@ def test_bad_inputs_are_refused_and_leave_no_output(work, grown, tmp_path, capsy
 def test_split_experts_grow_by_c_and_shrink_by_source(work, grown, tmp_path):
     """A split-expert model (each FFN cut into C = 2 experts): the new branch becomes C experts cut
     exactly as the merge cuts it; removing the source's name removes all its chunks."""
-    from merge_fixtures import merge
+    from tests.merge.merge_fixtures import merge
 
     split = merge(tmp_path / "split", work["branches"][:2], method="split", split=2)
     added = add(split, tmp_path / "added", (NEW, grown["branch"]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_fixtures import reference_average
+from tests.merge.merge_fixtures import reference_average
 
 WEIGHTS = {"uniform": [1.0, 1.0, 1.0], "3:1:0": [3.0, 1.0, 0.0], "0.7/0.2/0.1": [0.7, 0.2, 0.1],
            "thirds": [1 / 3, 1 / 3, 1 / 3]}

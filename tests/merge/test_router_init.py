@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from merge_fixtures import L, ROUTER, TINY, build, iter_dir as _iter, load, merge, parse, read_dcp
+from tests.merge.merge_fixtures import L, ROUTER, TINY, build, iter_dir as _iter, load, merge, parse, read_dcp
 
 
 def test_centroid_router_rows(work, tmp_path):
@@ -27,7 +27,7 @@ def test_cli_centroid_router_from_branch_data(work, tmp_path):
     from btx_megatron.config.schema import DataConfig
     from btx_megatron.data.datasets import build_domain_eval_datasets
     from btx_megatron.data.tokenizers import build_tokenizer
-    from merge_fixtures import write_token_dataset
+    from tests.merge.merge_fixtures import write_token_dataset
 
     spec = importlib.util.spec_from_file_location("merge_branches", Path(__file__).parents[2] / "tools/merge_branches.py")
     cli = importlib.util.module_from_spec(spec)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from merge_fixtures import TINY, iter_dir as _iter, make_branch, merge
+from tests.merge.merge_fixtures import TINY, iter_dir as _iter, make_branch, merge
 
 
 def _refused(tmp_path, match, **kw):

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from merge_fixtures import L, build, iter_dir, load, logits_of, merge, moe_argv, parse, read_dcp, tokens
+from tests.merge.merge_fixtures import L, build, iter_dir, load, logits_of, merge, moe_argv, parse, read_dcp, tokens
 
 
 def _units(work, monkeypatch, part_bytes: int):

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge_fixtures import (DENSE_FC1, DENSE_FC2, FC1, FC2, L, ROUTER, TINY, build, cast_checkpoint,
+from tests.merge.merge_fixtures import (DENSE_FC1, DENSE_FC2, FC1, FC2, L, ROUTER, TINY, build, cast_checkpoint,
                             iter_dir as _iter, load, logits_of, make_branch, merge, moe_argv, parse, read_dcp,
                             reference_average, tokens)
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 # ---------------------------------------------------------------------------------------------
 # Tensors on disk (PyTorch's reader)
@@ -95,6 +95,23 @@ def test_output_bit_identical_to_reference_merge(work, tmp_path, dtype):
             okey = k.replace("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
             want = reference_average([s[k] for s in srcs], raw, dtype)
             assert out[okey].dtype == dtype and torch.equal(out[okey], want), (label, k)
+
+
+def test_output_dtype_and_sources_no_reader_can_address(work, tmp_path):
+    """``dtype``: averages rounded once from the float64 sum into bf16, experts cast; and sources
+    whose FFN and attention records are column-major (read through torch.load, experts read
+    into a buffer instead of copied file to file) merge to the same tensors."""
+    srcs = [read_dcp(_iter(p)) for _, p in work["branches"]]
+    out = read_dcp(_iter(merge(tmp_path / "bf16", work["branches"], dtype="bfloat16")))
+    for i, src in enumerate(srcs):
+        assert torch.equal(out[FC2][:, i], src[DENSE_FC2].to(torch.bfloat16))
+    k = "embedding.word_embeddings.weight"
+    assert torch.equal(out[k], reference_average([s[k] for s in srcs], [1.0] * 3, torch.bfloat16))
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    strided = [(n, cast_checkpoint(p, tmp_path / f"strided-{n}", torch.float32, strided=(DENSE_FC2, qkv)))
+               for n, p in work["branches"]]
+    a, b = read_dcp(_iter(work["merged"])), read_dcp(_iter(merge(tmp_path / "from_strided", strided)))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_plain_process_needs_no_process_group_and_no_megatron(work, tmp_path):

@@ -55,7 +55,7 @@ def mix_sequence_worker(runs: list[list[str]], read_after: dict[str, str] | None
 
 def make_merged_checkpoint(root: str | Path, names=EXPERT_NAMES, seed: int = 11, extra_btx: dict | None = None) -> Path:
     """A tiny MoE ROOT at iteration 0, no optimizer state, manifest with merge provenance."""
-    from dist_utils import run_distributed
+    from tests.dist_utils import run_distributed
 
     root = Path(root)
     argv = TINY_MODEL + TINY_TRAIN + [

@@ -14,8 +14,8 @@ import shutil
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from mix_helpers import EXPERT_NAMES, TINY_MODEL, TINY_TRAIN, make_merged_checkpoint, metrics, mix_sequence_worker
+from tests.dist_utils import run_distributed
+from tests.mix.mix_helpers import EXPERT_NAMES, TINY_MODEL, TINY_TRAIN, make_merged_checkpoint, metrics, mix_sequence_worker
 
 STEPS = 30
 ROUTERS = {
@@ -96,6 +96,12 @@ def _learns(losses):
 
 
 @pytest.mark.parametrize("router", [r for r in ROUTERS if r != "sample-top1"])
+def test_every_router_learns_in_the_mix_phase(router, world1):
+    _learns(world1[1][router]["losses"])
+
+
+@pytest.mark.slow  # the EP2 runs (world2); tests/models/test_btx_routers_ep.py checks EP2 routing by hand
+@pytest.mark.parametrize("router", [r for r in ROUTERS if r != "sample-top1"])
 def test_routers_train_equally_at_ep1_and_ep2(router, world1, world2):
     """EP2 (2 experts per rank, DP2 for the dense part) reproduces the single-process run with
     the same global batch, step for step."""
@@ -104,6 +110,7 @@ def test_routers_train_equally_at_ep1_and_ep2(router, world1, world2):
     assert ep2 == pytest.approx(ep1, rel=2e-5, abs=2e-5)
 
 
+@pytest.mark.slow  # the EP2 runs (world2)
 def test_sample_top1_trains_at_ep1_and_ep2(world2):
     """sample-top1 draws Gumbel noise from the process's generator, whose state after model
     construction depends on the layout, so EP1 and EP2 sample different experts for some tokens

@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from slurm_harness import DOMAINS, make_dataset, make_tokenizer, merge, save_initial_checkpoints  # noqa: E402
+from tests.slurm.slurm_harness import DOMAINS, make_dataset, make_tokenizer, merge, save_initial_checkpoints
 
 
 @pytest.fixture(scope="session")
 def cluster_inputs(tmp_path_factory):
-    from dist_utils import run_distributed
+    from tests.dist_utils import run_distributed
 
     root = tmp_path_factory.mktemp("cluster_inputs")
     tokenizer = make_tokenizer(root / "tokenizer")

@@ -23,9 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(__file__).resolve().parent / "bin"
-sys.path.insert(0, str(BIN))
-
-import _fakeslurm  # noqa: E402
+from tests.slurm.bin import _fakeslurm
 
 # The tiny model every flow uses, as the scripts' variables and as trainer flags.
 TINY_VARS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import faultlib
+from tests.training import faultlib
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "distributed"))
-from workers import TINY_DENSE, TINY_MOE  # noqa: E402
+from tests.distributed.workers import TINY_DENSE, TINY_MOE  # noqa: F401 (re-exported for the fault tests)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 PRELOAD = ["torch", "btx_megatron.training.trainer", "btx_megatron.pretrain", "btx_megatron.pretrain_mix",

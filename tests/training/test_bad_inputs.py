@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-import faultlib
-from faultlib import TINY_DENSE, iter_dir
+from tests.training import faultlib
+from tests.training.faultlib import TINY_DENSE, iter_dir
 
 ROOT = faultlib.ROOT
-sys.path.insert(0, str(ROOT / "tests" / "data"))
 BASE = TINY_DENSE + ["--train-iters", "2"]
 
 
@@ -225,7 +223,7 @@ def test_launch_refuses_before_starting_anything(sandbox, tmp_path):
 # ------------------------------------------------------------------------------ preprocess_data
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from btx_data_testlib import train_tiny_tokenizer
+    from tests.data.btx_data_testlib import train_tiny_tokenizer
 
     return train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
 

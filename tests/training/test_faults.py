@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import faultlib
-from faultlib import (TINY_DENSE, assert_same_training, complete, debris, differences, iter_dir, iterations_on_disk,
+from tests.training import faultlib
+from tests.training.faultlib import (TINY_DENSE, assert_same_training, complete, debris, differences, iter_dir, iterations_on_disk,
                       metrics, saved_lines, tracker, train_argv)
 
 ROOT = faultlib.ROOT
@@ -63,13 +63,11 @@ def test_restart_restores_a_side_copy_and_never_resaves_the_same_iteration(dense
 
 
 # ------------------------------------------------------------------ 1, 7. signals at a save iteration
-@pytest.mark.parametrize("sig_at", [((signal.SIGTERM, 2), (signal.SIGUSR1, 4))], ids=["sigterm_at_2_sigusr1_at_4"])
-def test_signal_at_a_save_interval_iteration_saves_once_and_resumes_bit_exact(dense_reference, tmp_path, runs,
-                                                                              sig_at):
+def test_signal_at_a_save_interval_iteration_saves_once_and_resumes_bit_exact(dense_reference, tmp_path, runs):
     ref, _ = dense_reference
     root = tmp_path / "run"
     argv = train_argv(root)
-    for sig, at in sig_at:
+    for sig, at in ((signal.SIGTERM, 2), (signal.SIGUSR1, 4)):
         # The signal arrives while iteration `at` is being saved on schedule (the hook pauses
         # the save and says so); the run must finish that save, not save `at` a second time,
         # and exit 0.
@@ -219,6 +217,7 @@ def _wait_log(path: Path, pattern: str, timeout: float = 600) -> re.Match:
     raise AssertionError(f"{pattern!r} not in {path}:\n{path.read_text(errors='replace')[-3000:] if path.exists() else ''}")
 
 
+@pytest.mark.slow  # a pipeline, a launcher and a trainer
 def test_a_signal_to_the_parent_reaches_the_child_and_a_killed_parent_leaves_no_trainer(tmp_path):
     root = tmp_path / "run"
     log = tmp_path / "train.log"
@@ -251,5 +250,34 @@ def test_a_signal_to_the_parent_reaches_the_child_and_a_killed_parent_leaves_no_
         for p in parents:
             if p.poll() is None:
                 p.kill()
+        for pid in _training_processes(str(root)):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_workers_of_a_killed_torchrun_save_and_exit(tmp_path):
+    # The trainer asks for PDEATHSIG itself (exit_with_parent): when torchrun is SIGKILLed, each
+    # worker gets SIGTERM, and together they save and exit instead of training on as orphans.
+    root = tmp_path / "run"
+    log = tmp_path / "train.log"
+    argv = TINY_DENSE + ["--use-distributed-optimizer", "--train-iters", "1000", "--log-interval", "1",
+                         "--save", str(root), "--load", str(root)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(faultlib.free_port()), "-m", "btx_megatron.pretrain", *argv]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        agent = subprocess.Popen(torchrun, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_log(log, r"iter 3/1000")
+        agent.kill()
+        agent.wait()
+        gone = _wait_gone(str(root), 180)
+        stopped = int(_wait_log(log, r"exit signal received at iteration (\d+)", 10).group(1))
+        print(f"torchrun workers saved and exited {gone:.1f}s after torchrun was SIGKILLed")
+        assert stopped >= 3 and tracker(root) == stopped and complete(iter_dir(root, stopped))
+        assert debris(root) == []
+    finally:
+        if agent.poll() is None:
+            agent.kill()
         for pid in _training_processes(str(root)):
             os.kill(pid, signal.SIGKILL)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from btx_megatron.config import Config, config_to_argv, parse_config
+from btx_megatron.config import config_to_argv, parse_config
 from btx_megatron.runtime.distributed import _first_slurm_host, read_launch_env
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from branch_testlib import DOMAINS, ROOT, TINY_MODEL, tiny_experiment, write_yaml
+from tests.launch.branch_testlib import DOMAINS, ROOT, TINY_MODEL, tiny_experiment, write_yaml
 
 from btx_megatron.launch import local as launch_local
 from btx_megatron.launch import plan as launcher
@@ -229,14 +228,16 @@ def test_dry_run_prints_the_expected_sbatch_jobs(monkeypatch, tmp_path):
 
 
 def test_slurm_scripts_are_valid_bash_and_use_the_paper_recipe():
-    shared = (ROOT / "slurm" / "branch.sbatch").read_text()
-    for name in ("branch.sbatch", "branch_math.sh", "branch_code.sh", "branch_wiki.sh"):
+    # branch.sbatch builds the flag arrays; slurm/train_job.sh (sourced) is the run logic.
+    shared = (ROOT / "slurm" / "branch.sbatch").read_text() + (ROOT / "slurm" / "train_job.sh").read_text()
+    for name in ("branch.sbatch", "branch_math.sh", "branch_code.sh", "branch_wiki.sh", "train_job.sh", "mix.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "slurm" / name)], check=True)
     for needle in ("#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "CUDA_DEVICE_MAX_CONNECTIONS=1",
-                   "--fp8-format hybrid", "--use-distributed-optimizer", "--lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 100",
-                   "--global-batch-size 1024", "--seq-length 4096", "--weight-decay 0.1",
-                   'START_ARGS=(--load "$SAVE")', '--finetune)', "scontrol requeue", 'kill -USR1 "$SRUN_PID"',
-                   "srun "):
+                   "--fp8-format hybrid", "--use-distributed-optimizer",
+                   '--lr "${LR:-1e-4}" --min-lr "${MIN_LR:-1e-5}" --lr-warmup-iters "${WARMUP_ITERS:-100}"',
+                   '--global-batch-size "${GLOBAL_BATCH:-1024}"', '--seq-length "${SEQ_LENGTH:-4096}"', "--weight-decay 0.1",
+                   'START_ARGS=(--load "$SAVE")', 'FIRST_START_ARGS=(--finetune)', "scontrol requeue",
+                   'kill -USR1 "$SRUN_PID"', "srun "):
         assert needle in shared, needle
     for d in DOMAINS:
         wrapper = (ROOT / "slurm" / f"branch_{d}.sh").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 E = 4
 
@@ -17,7 +17,7 @@ def _expert_weights(e: int, fc1_shape, fc2_shape):
 
 def _moe_output_at_ep2(router_type: str):
     from megatron.core import parallel_state
-    from router_setup import build_model
+    from tests.models.router_setup import build_model
 
     from btx_megatron.models.routers import routing_statistics
 

@@ -4,7 +4,8 @@ Megatron-Core's ``torch_dist`` format is PyTorch DCP: ``.metadata`` (a pickled
 ``torch.distributed.checkpoint.Metadata``: every key's global shape, dtype and chunks, and where
 each chunk lies: file, byte offset, length) plus ``__<rank>_<n>.distcp`` files in which every
 chunk is one ``torch.save`` record (a small zip: ``data.pkl``, ``byteorder``, ``data/0`` holding
-the raw bytes, ...). The merge reads and writes those files itself instead of going through
+the raw bytes, ...). The merge, the expert edits and the Hugging Face converters read and write
+those files with this module instead of going through
 ``dist_checkpointing`` / DCP's planners, which copy each tensor twice per direction, start a
 helper process per save and are collective per call.
 

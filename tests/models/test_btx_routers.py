@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.router import TopKRouter
-from router_setup import build_model, build_router, router_logits, setup, tiny_config
+from tests.models.router_setup import build_model, build_router, router_logits, setup, tiny_config
 
 from btx_megatron.models import build_model_chunks
 

@@ -1,4 +1,4 @@
-"""torch_dist tensor IO of the merge (btx_megatron.merge.storage): the reader fills any box of a
+"""torch_dist tensor IO of the merge (btx_megatron.checkpoint.storage): the reader fills any box of a
 global tensor exactly as PyTorch's DCP reader does (Megatron's per-layer chunks, whole-tensor
 chunks, records it cannot address directly), and what the writer writes is read back by
 PyTorch's DCP reader and by ``torch.load`` record by record."""
@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 
-from merge_fixtures import cast_checkpoint, iter_dir, read_dcp
+from tests.merge.merge_fixtures import cast_checkpoint, iter_dir, make_branch, read_dcp
+
+
+@pytest.fixture(scope="module")
+def branch(tmp_path_factory):
+    """A tiny dense checkpoint saved by the trainer (Megatron's per-layer chunks)."""
+    return make_branch(tmp_path_factory.mktemp("storage") / "math", seed=1)
 
 
 def _reader(ckpt_dir):
     from btx_megatron.checkpoint.verify import verify_files
-    from btx_megatron.merge.storage import CheckpointReader
+    from btx_megatron.checkpoint.storage import CheckpointReader
 
     return CheckpointReader(ckpt_dir, verify_files(ckpt_dir, "test"), "test")
 
@@ -44,8 +51,8 @@ def _check_boxes(ckpt_dir) -> int:
         reader.close()
 
 
-def test_reader_matches_pytorch_on_megatron_and_whole_tensor_chunks(work, tmp_path):
-    name, path = work["branches"][0]
+def test_reader_matches_pytorch_on_megatron_and_whole_tensor_chunks(branch, tmp_path):
+    path = branch
     assert _check_boxes(iter_dir(path)) == 0  # Megatron's chunks (fc1 as gate and up) read directly
     whole = cast_checkpoint(path, tmp_path / "bf16", torch.bfloat16)  # one chunk per key, all layers
     assert _check_boxes(iter_dir(whole)) == 0
@@ -70,7 +77,7 @@ def test_reader_falls_back_to_torch_load_for_strided_records(tmp_path):
 
 
 def test_writer_output_reads_back_with_pytorch(tmp_path):
-    from btx_megatron.merge.storage import (COMMON_STATE_KEY, DistcpWriter, common_state_bytes, torch_save_framing,
+    from btx_megatron.checkpoint.storage import (COMMON_STATE_KEY, DistcpWriter, common_state_bytes, torch_save_framing,
                                             write_metadata)
 
     g = torch.Generator().manual_seed(0)

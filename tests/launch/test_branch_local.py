@@ -16,10 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from branch_testlib import (
+from tests.launch.branch_testlib import (
+
     DOMAINS, ROOT, launch, launch_async, load_weights, model_tensors, read_tracker, tiny_experiment,
     train_records, wait_for, write_yaml,
 )
+
+# Local branch launches end to end (3-4 min); make run's pipeline (tests/e2e) launches branches
+# in the default tier.
+pytestmark = pytest.mark.slow
 
 BRANCH_ITERS = 40
 

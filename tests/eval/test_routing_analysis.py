@@ -21,7 +21,7 @@ import json
 
 import pytest
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 
 DOMAINS = ("math", "code", "wiki")
 MODEL = (
@@ -120,6 +120,7 @@ def _analyze_at(load: str, domains: dict, output: str, num_batches: int, tp: int
                                           micro_batch_size=4, tensor_model_parallel_size=tp))
 
 
+@pytest.mark.slow  # a second 2-process layout
 def test_analysis_is_layout_independent(analysed):
     """At TP2 with sequence parallelism (each rank routes half of every sequence's tokens; 3
     experts rule out EP2) the analysis sees the same sequences and reports the same figures."""
