@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -411,16 +411,30 @@ def prepare_builtin_tasks(specs: list[TaskSpec], task_dir: str | None, corpora: 
 def evaluate_checkpoints_on_tasks(checkpoints: dict[str, str], task_dir: str | Path, *,
                                   specs: list[TaskSpec] | None = None, opts: ModelLoadOptions | None = None,
                                   batch_size: int = 32, limit: int | float | None = None,
-                                  echo=print) -> dict[str, dict[str, Any]]:
+                                  echo=print, done: Callable[[str, dict[str, Any]], None] | None = None
+                                  ) -> dict[str, dict[str, Any]]:
     """Every checkpoint ({row name: path}) on the tasks in ``task_dir`` (default: the built-in
-    ones, see :func:`.tasks.build_builtin_tasks`), in this process, one model at a time.
+    ones, see :func:`.tasks.build_builtin_tasks`), in this process, one model at a time;
+    ``done(name, summary)`` is called as each finishes.
 
     The tasks are built once and shared. Returns ``{name: {"domains": {domain: accuracy},
     "tasks": {task: {"domain", "metric", "value", "num_fewshot"}}, "average", "skipped",
     "eval_seconds", "checkpoint"}}``: the per-domain accuracies for the results table."""
     from .tasks import BUILTIN
 
-    selection = load_tasks(list(specs or BUILTIN), include_path=str(task_dir), echo=echo if rank() == 0 else None)
+    specs = list(specs or BUILTIN)
+    builtin = {s.name for s in BUILTIN}
+    # Built-in tasks live in task_dir only: lm-eval's own ~15k task files are not indexed for them
+    # (a built-in task without items was left out by build_builtin_tasks, which says why).
+    selection = load_tasks(specs, include_path=str(task_dir),
+                           include_defaults=False if all(s.name in builtin for s in specs) else None, echo=None)
+    record = Path(task_dir) / "tasks.json"
+    made = json.loads(record.read_text())["tasks"] if record.is_file() else {}
+    for name in selection.skipped:
+        if made.get(name, {}).get("skipped"):
+            selection.skipped[name] = made[name]["skipped"]
+        if echo and rank() == 0:
+            echo(f"[tasks] skipped {name}: {selection.skipped[name]}")
     out = {}
     for name, path in checkpoints.items():
         started = time.perf_counter()
@@ -429,6 +443,8 @@ def evaluate_checkpoints_on_tasks(checkpoints: dict[str, str], task_dir: str | P
         summary["eval_seconds"] = round(time.perf_counter() - started, 2)
         summary["checkpoint"] = str(lm.loaded.ckpt_dir)
         out[name] = summary
+        if done is not None:
+            done(name, summary)
         if echo and rank() == 0:
             figures = ", ".join(f"{d} {v:.3f}" for d, v in summary["domains"].items())
             echo(f"[tasks] {name}: {figures} in {summary['eval_seconds']:.1f}s")

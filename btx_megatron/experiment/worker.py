@@ -88,9 +88,9 @@ def tasks(spec: dict[str, Any]) -> None:
     build_builtin_tasks(spec["corpora"], spec["task_dir"], num_items=spec["num_items"], max_tokens=spec["max_tokens"],
                         tokenizer_model=spec["tokenizer_model"])
     opts = ModelLoadOptions(tokenizer_type=spec["tokenizer_type"], tokenizer_model=spec["tokenizer_model"])
-    for name, path in spec["models"].items():
-        result = evaluate_checkpoints_on_tasks({name: path}, spec["task_dir"], opts=opts)[name]
-        fmt.write_json_atomic(spec["outputs"][name], {"model": name, **result})
+    # The tasks are built once for every model; each model's JSON is written as it finishes.
+    evaluate_checkpoints_on_tasks(spec["models"], spec["task_dir"], opts=opts, done=lambda name, result:
+                                  fmt.write_json_atomic(spec["outputs"][name], {"model": name, **result}))
 
 
 JOBS: dict[str, Callable[[dict[str, Any]], None]] = {

@@ -10,14 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.slurm.slurm_harness import ROOT, TINY_MODEL_FLAGS, read_model_tensors, train_records
 
 ITERS = 4
 
 
-@pytest.mark.slow  # two torchrun agents, 4 trainers
 def test_torchrun_two_nodes_trains_and_saves_the_mix_phase(cluster_inputs, tmp_path):
     from btx_megatron.runtime.distributed import free_port
 
