@@ -52,6 +52,7 @@ from .. import __version__
 from .. import checkpoint as fmt
 from ..checkpoint.provenance import git_revision
 from ..checkpoint.storage import COMMON_STATE_KEY, CheckpointReader, DistcpWriter, common_state_bytes, write_metadata
+from ..runtime.distributed import all_gather_objects, broadcast_object, rank_world
 from ..runtime.progress import Progress
 from . import plan as core
 from .router_init import ROUTER_INITS, centroid_router, compute_centroids, random_router
@@ -450,28 +451,6 @@ def source_of(expert_name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _needs_group(opts: EditOptions) -> bool:
     from ..runtime.distributed import read_launch_env
 
@@ -498,14 +477,14 @@ def _run(opts: EditOptions, prepare) -> Path:
 
         group = tool_process_group()
     with group:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         result = None
         if rank == 0:
             try:
                 result = ("ok", prepare(opts))
             except ValueError as exc:
                 result = ("error", str(exc))
-        result = _broadcast(result, world)
+        result = broadcast_object(result, world)
         if result[0] == "error":
             raise ValueError(result[1])
         job: EditJob = result[1]
@@ -543,7 +522,7 @@ def _write(job: EditJob, opts: EditOptions, centroids, rank: int, world: int) ->
             made = ("ok", str(fmt.staging_dir_for(output)))
         except OSError as exc:
             made = ("error", f"cannot create a staging directory next to --output {output}: {exc}")
-    made = _broadcast(made, world)
+    made = broadcast_object(made, world)
     if made[0] == "error":
         raise ValueError(made[1])
     staging = Path(made[1])
@@ -555,7 +534,7 @@ def _write(job: EditJob, opts: EditOptions, centroids, rank: int, world: int) ->
     try:
         if rank == 0:
             iter_dir.mkdir()
-        _broadcast(None, world)
+        broadcast_object(None, world)
         chunks, error = [], None
         try:
             chunks = _write_pieces(mine, job, opts, centroids, iter_dir, rank)
@@ -565,7 +544,7 @@ def _write(job: EditJob, opts: EditOptions, centroids, rank: int, world: int) ->
             if world == 1:
                 raise
             error = ("bug", f"rank {rank}: {type(exc).__name__}: {exc}")
-        outcomes = _all_gather((chunks, error), world)
+        outcomes = all_gather_objects((chunks, error), world)
         errors = [e for _, e in outcomes if e]
         status = ("ok", "")
         if errors:
@@ -582,7 +561,7 @@ def _write(job: EditJob, opts: EditOptions, centroids, rank: int, world: int) ->
                 published = True
             except (OSError, ValueError) as exc:
                 status = ("user", f"could not publish {output}: {exc}")
-        kind, message = _broadcast(status, world)
+        kind, message = broadcast_object(status, world)
         if kind != "ok":
             raise (RuntimeError if kind == "bug" else ValueError)(message)
         if opts.progress and rank == 0:

@@ -41,6 +41,7 @@ import torch
 
 from .. import __version__
 from .. import checkpoint as fmt
+from ..runtime.distributed import all_gather_objects, broadcast_object, rank_world
 from ..runtime.progress import Progress
 from . import plan as core
 from .options import TOOL, MergeJob, MergeOptions, prepare
@@ -67,28 +68,6 @@ def _needs_group(opts: MergeOptions) -> bool:
     return centroids or read_launch_env().world_size > 1
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
@@ -102,14 +81,14 @@ def run_merge(opts: MergeOptions) -> Path:
 
         group = tool_process_group()
     with group:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         result = None
         if rank == 0:
             try:
                 result = ("ok", prepare(opts))
             except ValueError as exc:
                 result = ("error", str(exc))
-        result = _broadcast(result, world)
+        result = broadcast_object(result, world)
         if result[0] == "error":
             raise ValueError(result[1])
         job: MergeJob = result[1]
@@ -129,7 +108,7 @@ def _write_output(job: MergeJob, opts: MergeOptions, rank: int, world: int) -> P
             made = ("ok", str(fmt.staging_dir_for(output)))
         except OSError as exc:
             made = ("error", f"cannot create a staging directory next to --output {output}: {exc}")
-    made = _broadcast(made, world)
+    made = broadcast_object(made, world)
     if made[0] == "error":
         raise ValueError(made[1])
     staging = Path(made[1])
@@ -140,7 +119,7 @@ def _write_output(job: MergeJob, opts: MergeOptions, rank: int, world: int) -> P
     try:
         if rank == 0:
             iter_dir.mkdir()
-        _broadcast(None, world)  # the directory exists before anyone writes into it
+        broadcast_object(None, world)  # the directory exists before anyone writes into it
         chunks, stats, error = [], {}, None
         try:
             chunks, stats = _stream_units(mine, job, opts, iter_dir, rank, world)
@@ -150,7 +129,7 @@ def _write_output(job: MergeJob, opts: MergeOptions, rank: int, world: int) -> P
             if world == 1:
                 raise
             error = ("bug", f"rank {rank}: {type(exc).__name__}: {exc}")
-        outcomes = _all_gather((chunks, stats, error), world)
+        outcomes = all_gather_objects((chunks, stats, error), world)
         errors = [e for _, _, e in outcomes if e]
         status = ("ok", "")
         if errors:
@@ -162,7 +141,7 @@ def _write_output(job: MergeJob, opts: MergeOptions, rank: int, world: int) -> P
                 published = True
             except (OSError, ValueError) as exc:
                 status = ("user", f"could not publish {output}: {exc}")
-        kind, message = _broadcast(status, world)
+        kind, message = broadcast_object(status, world)
         if kind != "ok":
             raise (RuntimeError if kind == "bug" else ValueError)(message)
         return output

@@ -177,6 +177,31 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(obj, world: int):
+    """Rank 0's ``obj`` on every rank (as it is in a world of one)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj, world: int) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def destroy() -> None:
     parallel_state = sys.modules.get("megatron.core.parallel_state")  # not imported: nothing to tear down
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
