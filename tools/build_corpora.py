@@ -5,7 +5,7 @@
 
 Writes DIR/jsonl/{domain}_{train,valid}.jsonl, DIR/tokenizer/tokenizer.model,
 DIR/data/{domain}_{train,valid}.bin/.idx and DIR/manifest.json; re-running with the same flags
-skips work that is already done. See btx_megatron/data/corpora.py for the sources.
+skips work that is already done. See btx_megatron/data/documents.py for the sources.
 """
 
 import argparse

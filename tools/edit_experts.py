@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args):
-    from btx_megatron.merge.edit import AddOptions, RemoveOptions
+    from btx_megatron.merge.edit_options import AddOptions, RemoveOptions
 
     common = dict(load=args.load, output=args.output, topk=args.topk, overwrite=args.overwrite,
                   expert_model_parallel_size=args.expert_model_parallel_size, full_hash=args.full_hash,
@@ -108,12 +108,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Only centroid routers import Megatron-Core, which warns about missing GPU-only extensions.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|deprecated|DEPRECATED).*")
-    from btx_megatron.merge import edit
+    from btx_megatron.merge import edit, edit_list
 
     try:
         if args.command == "list":
-            info = edit.describe(args.load, args.full_hash)
-            print(json.dumps(info, indent=2) if args.json else edit.format_description(info))
+            info = edit_list.describe(args.load, args.full_hash)
+            print(json.dumps(info, indent=2) if args.json else edit_list.format_description(info))
             return 0
         opts = options_from_args(args)
         out = edit.add_expert(opts) if args.command == "add" else edit.remove_expert(opts)

@@ -1,8 +1,9 @@
 """Command line (Megatron-LM flag names) and YAML option files -> :class:`Config`.
 
-The parser is generated from the dataclass fields in :mod:`schema`, so a flag exists exactly
-when a config field does. A YAML file given with ``--config`` holds the same options (flat,
-``num-layers: 4`` or ``num_layers: 4``); flags on the command line override it.
+The parser is generated from the dataclass fields in :mod:`schema` (the model section in
+:mod:`model`), so a flag exists exactly when a config field does. A YAML file given with
+``--config`` holds the same options (flat, ``num-layers: 4`` or ``num_layers: 4``); flags on
+the command line override it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Every field maps to a Megatron-LM flag of the same name (``num_layers`` <-> ``--
 :mod:`btx_megatron.config.args` builds the command line from these dataclasses, so the field
 docstrings (``help=`` metadata) are the flag documentation. Static checks live in
 ``__post_init__``; checks that need the world size live in :meth:`Config.validate_layout`.
-User mistakes raise ``ValueError`` naming the flag and the fix.
+User mistakes raise ``ValueError`` naming the flag and the fix. The model section
+(:class:`~btx_megatron.config.model.ModelConfig`) lives in :mod:`btx_megatron.config.model`;
+the ``flag`` field and the checks shared by every section in :mod:`btx_megatron.config.fields`.
 """
 
 from __future__ import annotations
@@ -13,222 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def flag(default: Any = None, help: str = "", **extra: Any) -> Any:
-    """A dataclass field that is also a command-line flag."""
-    meta = {"help": help, **extra}
-    if isinstance(default, (list, dict)):
-        factory = type(default)
-        return field(default_factory=lambda: factory(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _require_positive(section: Any, names: tuple[str, ...], *, optional: tuple[str, ...] = (),
-                      at_least_zero: tuple[str, ...] = ()) -> None:
-    """Numeric options that must be > 0 (``optional``: also None, the derived default) or >= 0
-    (``at_least_zero``); a zero here would otherwise end in a division by zero (or SIGFPE) deep
-    inside model construction."""
-    for name in names + optional + at_least_zero:
-        value = getattr(section, name)
-        if value is None and name in optional:
-            continue
-        default = section.__dataclass_fields__[name].default
-        hint = f" (default {default})" if default is not None else " (or leave it out for the default)"
-        if name in at_least_zero:
-            _require(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}{hint}.")
-        else:
-            _require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}{hint}.")
-
-
-ROUTER_TYPES = ("topk", "switch", "sample-top1", "soft")
-
-
-@dataclass
-class ModelConfig:
-    """Llama-style GPT architecture (dense, or MoE when ``num_experts`` is set)."""
-
-    num_layers: int = flag(2, "Number of transformer layers.")
-    hidden_size: int = flag(64, "Transformer hidden size.")
-    ffn_hidden_size: int | None = flag(None, "FFN hidden size (default 4 * hidden size).")
-    num_attention_heads: int = flag(4, "Number of attention heads.")
-    num_query_groups: int | None = flag(
-        None, "Key/value head groups for grouped-query attention (default: one per head)."
-    )
-    kv_channels: int | None = flag(None, "Head dimension (default hidden / heads).")
-    seq_length: int = flag(128, "Training sequence length.")
-    max_position_embeddings: int | None = flag(None, "Maximum positions (default seq length).")
-    vocab_size: int | None = flag(
-        None, "Model vocabulary size before padding (default: the tokenizer's size)."
-    )
-    make_vocab_size_divisible_by: int = flag(
-        128,
-        "Pad the vocabulary to a multiple of this. Unlike Megatron-LM the multiple does not "
-        "include the TP size, so one checkpoint serves every layout.",
-    )
-    swiglu: bool = flag(False, "SwiGLU FFN (gated SiLU) as in Llama.")
-    normalization: str = flag("LayerNorm", "LayerNorm or RMSNorm.", choices=("LayerNorm", "RMSNorm"))
-    norm_epsilon: float = flag(1e-5, "Epsilon of the normalisation layers.")
-    position_embedding_type: str = flag(
-        "learned_absolute", "Position embedding.", choices=("learned_absolute", "rope")
-    )
-    rotary_base: int = flag(10000, "RoPE base (theta).")
-    rotary_percent: float = flag(1.0, "Fraction of each head that RoPE rotates.")
-    untie_embeddings_and_output_weights: bool = flag(
-        False, "Separate input embedding and output layer weights (Llama)."
-    )
-    disable_bias_linear: bool = flag(False, "No biases in linear layers (Llama).")
-    init_method_std: float = flag(0.02, "Std of the normal weight initialisation.")
-    hidden_dropout: float = flag(0.0, "Dropout after attention and FFN.")
-    attention_dropout: float = flag(0.0, "Dropout on attention probabilities.")
-    transformer_impl: str = flag(
-        "auto",
-        "Layer implementation: transformer_engine, local, or auto (TE when importable).",
-        choices=("auto", "transformer_engine", "local"),
-    )
-    attention_backend: str = flag(
-        "auto",
-        "Local-spec core attention: sdpa (PyTorch fused scaled_dot_product_attention), "
-        "unfused (Megatron's DotProductAttention), auto (sdpa). TE specs use TE attention.",
-        choices=("auto", "sdpa", "unfused"),
-    )
-    # --- Mixture of experts -------------------------------------------------------------
-    num_experts: int | None = flag(None, "Experts per MoE layer (None: dense model).")
-    moe_ffn_hidden_size: int | None = flag(None, "Expert FFN size (default ffn hidden size).")
-    moe_router_topk: int = flag(2, "Experts per token for the top-k router.")
-    moe_router_type: str = flag(
-        "topk",
-        "BTX router: topk (softmax over the selected logits), switch (top-1, capacity), "
-        "sample-top1 (Gumbel sample), soft (all experts).",
-        choices=ROUTER_TYPES,
-    )
-    moe_router_load_balancing_type: str = flag(
-        "aux_loss", "Load balancing.", choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
-    )
-    moe_aux_loss_coeff: float = flag(0.01, "Load-balancing loss weight (paper: 0.01).")
-    moe_z_loss_coeff: float | None = flag(None, "Router z-loss weight.")
-    moe_grouped_gemm: bool = flag(False, "Grouped-GEMM experts (Transformer Engine).")
-    moe_token_dispatcher_type: str = flag(
-        "allgather", "Token dispatcher.", choices=("allgather", "alltoall")
-    )
-    moe_expert_capacity_factor: float | None = flag(
-        None, "Capacity factor; tokens beyond capacity are dropped (switch router)."
-    )
-    moe_sample_temperature_rate: float = flag(
-        1e-4, "sample-top1: temperature max(0.5, exp(-rate * step))."
-    )
-    moe_router_dtype: str | None = flag(None, "Router compute dtype (fp32 recommended).", choices=(None, "fp32", "fp64"))
-
-    def __post_init__(self) -> None:
-        _require(self.num_layers > 0, "--num-layers must be positive.")
-        _require(self.hidden_size > 0, "--hidden-size must be positive.")
-        _require_positive(self, ("num_attention_heads", "seq_length", "make_vocab_size_divisible_by", "norm_epsilon",
-                                 "rotary_base"),
-                          optional=("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings",
-                                    "vocab_size"))
-        _require(0 < self.rotary_percent <= 1, f"--rotary-percent must be in (0, 1], got {self.rotary_percent}.")
-        for name in ("hidden_dropout", "attention_dropout"):
-            _require(0 <= getattr(self, name) < 1,
-                     f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}.")
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
-        if self.num_query_groups is None:
-            self.num_query_groups = self.num_attention_heads
-        if self.max_position_embeddings is None:
-            self.max_position_embeddings = self.seq_length
-        _require(
-            self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
-            f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-            f"{self.num_attention_heads}; change one or set --kv-channels.",
-        )
-        _require(
-            self.num_attention_heads % self.num_query_groups == 0,
-            f"--num-attention-heads {self.num_attention_heads} is not a multiple of "
-            f"--num-query-groups {self.num_query_groups}.",
-        )
-        _require(
-            self.max_position_embeddings >= self.seq_length,
-            f"--max-position-embeddings {self.max_position_embeddings} is smaller than "
-            f"--seq-length {self.seq_length}.",
-        )
-        if self.num_experts is not None:
-            self._check_moe()
-        else:
-            _require(
-                self.moe_expert_capacity_factor is None and not self.moe_grouped_gemm,
-                "MoE options (--moe-expert-capacity-factor, --moe-grouped-gemm) need --num-experts.",
-            )
-
-    def _check_moe(self) -> None:
-        """Every router/MoE option check, in one place (the routers assume they passed)."""
-        router = self.moe_router_type
-        _require(self.num_experts >= 1, "--num-experts must be at least 1.")
-        _require(
-            self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size > 0,
-            f"--moe-ffn-hidden-size must be positive, got {self.moe_ffn_hidden_size}.",
-        )
-        if router == "topk":
-            _require(
-                1 <= self.moe_router_topk <= self.num_experts,
-                f"--moe-router-topk {self.moe_router_topk} must be between 1 and "
-                f"--num-experts {self.num_experts}.",
-            )
-        if router in ("soft", "sample-top1"):
-            _require(
-                self.moe_expert_capacity_factor is None,
-                f"--moe-router-type {router} does not drop tokens; remove --moe-expert-capacity-factor "
-                "(use --moe-router-type switch for capacity-limited top-1 routing).",
-            )
-            _require(
-                self.moe_router_load_balancing_type != "sinkhorn",
-                f"--moe-router-load-balancing-type sinkhorn chooses the experts itself and works with "
-                f"--moe-router-type topk or switch only, not {router}; use aux_loss, seq_aux_loss, "
-                "global_aux_loss or none.",
-            )
-        if router == "switch" and self.moe_expert_capacity_factor is None:
-            # The paper's Switch baseline uses capacity factor 1.5.
-            self.moe_expert_capacity_factor = 1.5
-        _require(
-            self.moe_expert_capacity_factor is None or self.moe_expert_capacity_factor > 0,
-            f"--moe-expert-capacity-factor must be positive, got {self.moe_expert_capacity_factor}.",
-        )
-        _require(
-            self.moe_sample_temperature_rate >= 0,
-            f"--moe-sample-temperature-rate must be >= 0, got {self.moe_sample_temperature_rate}.",
-        )
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts is not None
-
-    @property
-    def padded_vocab_size(self) -> int:
-        assert self.vocab_size is not None, "vocab size must be resolved before building"
-        multiple = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // multiple) * multiple
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    @property
-    def expert_ffn_hidden_size(self) -> int:
-        return self.moe_ffn_hidden_size or self.ffn_hidden_size
-
-    def architecture(self) -> dict[str, Any]:
-        """The fields that must agree between checkpoints that are merged or resumed."""
-        keys = (
-            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
-            "swiglu", "normalization", "norm_epsilon", "position_embedding_type", "rotary_base",
-            "rotary_percent", "untie_embeddings_and_output_weights", "disable_bias_linear",
-            "max_position_embeddings",
-        )
-        return {k: getattr(self, k) for k in keys}
+from .fields import flag, require, require_positive
+from .model import ModelConfig
 
 
 @dataclass
@@ -255,16 +43,16 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
-            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1.")
-        _require_positive(self, ("distributed_timeout_minutes",))
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1.")
+        require_positive(self, ("distributed_timeout_minutes",))
         if self.expert_tensor_parallel_size is None:
             self.expert_tensor_parallel_size = self.tensor_model_parallel_size
-        _require(
+        require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag at TP=1.",
         )
         if self.overlap_param_gather:
-            _require(
+            require(
                 self.use_distributed_optimizer,
                 "--overlap-param-gather needs --use-distributed-optimizer.",
             )
@@ -285,9 +73,9 @@ class PrecisionConfig:
     attention_softmax_in_fp32: bool = flag(True, "Attention softmax in fp32.")
 
     def __post_init__(self) -> None:
-        _require(not (self.bf16 and self.fp16), "Choose one of --bf16 and --fp16.")
+        require(not (self.bf16 and self.fp16), "Choose one of --bf16 and --fp16.")
         if self.fp8_format is not None:
-            _require(
+            require(
                 self.bf16 or self.fp16,
                 "--fp8-format runs inside bf16/fp16 mixed precision; add --bf16.",
             )
@@ -341,18 +129,18 @@ class TrainConfig:
     spiky_loss_window: int = flag(50, "Iterations in the running mean of --spiky-loss-factor.")
 
     def __post_init__(self) -> None:
-        _require(self.train_iters >= 0, "--train-iters must be >= 0.")
-        _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1.")
-        _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0.")
-        _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
-        _require(self.spiky_loss_factor == 0 or self.spiky_loss_factor > 1,
-                 f"--spiky-loss-factor {self.spiky_loss_factor}: use a factor above 1 (or 0 to disable).")
-        _require(self.spiky_loss_window >= 1, "--spiky-loss-window must be at least 1.")
-        _require_positive(self, ("adam_eps", "recompute_num_layers"), optional=("global_batch_size", "lr_decay_iters"),
-                          at_least_zero=("lr_warmup_iters", "clip_grad", "weight_decay"))
+        require(self.train_iters >= 0, "--train-iters must be >= 0.")
+        require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1.")
+        require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0.")
+        require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
+        require(self.spiky_loss_factor == 0 or self.spiky_loss_factor > 1,
+                f"--spiky-loss-factor {self.spiky_loss_factor}: use a factor above 1 (or 0 to disable).")
+        require(self.spiky_loss_window >= 1, "--spiky-loss-window must be at least 1.")
+        require_positive(self, ("adam_eps", "recompute_num_layers"), optional=("global_batch_size", "lr_decay_iters"),
+                         at_least_zero=("lr_warmup_iters", "clip_grad", "weight_decay"))
         for name in ("adam_beta1", "adam_beta2"):
-            _require(0 <= getattr(self, name) < 1,
-                     f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}.")
+            require(0 <= getattr(self, name) < 1,
+                    f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}.")
 
 
 @dataclass
@@ -377,12 +165,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         # Neither --mock-data nor --data-path is fine: evaluation-only tools pass eval domains.
-        _require(
+        require(
             not (self.mock_data and self.data_path),
             "Give either --mock-data or --data-path, not both.",
         )
         if self.data_path:
-            _require(
+            require(
                 self.tokenizer_type is not None,
                 "--data-path needs --tokenizer-type (SentencePieceTokenizer or HuggingFaceTokenizer) "
                 "and --tokenizer-model.",
@@ -417,10 +205,10 @@ class CheckpointConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.save_interval is None or self.save_interval > 0, "--save-interval must be positive."
         )
-        _require_positive(self, (), optional=("exit_interval",))
+        require_positive(self, (), optional=("exit_interval",))
 
 
 @dataclass
@@ -436,8 +224,8 @@ class LoggingConfig:
     )
 
     def __post_init__(self) -> None:
-        _require_positive(self, ("log_interval",), optional=("eval_interval", "peak_tflops"),
-                          at_least_zero=("eval_iters",))
+        require_positive(self, ("log_interval",), optional=("eval_interval", "peak_tflops"),
+                         at_least_zero=("eval_iters",))
 
 
 SECTIONS = {
@@ -464,7 +252,7 @@ class Config:
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel
         if m.is_moe and p.tensor_model_parallel_size > 1:
-            _require(
+            require(
                 p.sequence_parallel,
                 "MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel.",
             )
@@ -472,10 +260,10 @@ class Config:
             raise ValueError("--fp8-format needs --transformer-impl transformer_engine (or auto).")
         t = self.train
         if t.freeze_experts or t.freeze_router or t.train_experts:
-            _require(m.is_moe, "--freeze-experts/--freeze-router/--train-experts apply to MoE models (--num-experts).")
-        _require(not (t.train_experts and (t.freeze_experts or t.freeze_router)),
-                 "--train-experts freezes everything but the named experts; drop --freeze-experts/--freeze-router.")
-        _require(not t.train_router or bool(t.train_experts), "--train-router goes with --train-experts NAME ...")
+            require(m.is_moe, "--freeze-experts/--freeze-router/--train-experts apply to MoE models (--num-experts).")
+        require(not (t.train_experts and (t.freeze_experts or t.freeze_router)),
+                "--train-experts freezes everything but the named experts; drop --freeze-experts/--freeze-router.")
+        require(not t.train_router or bool(t.train_experts), "--train-router goes with --train-experts NAME ...")
         self.data.vocab_size = m.vocab_size
 
     def validate_layout(self, world_size: int) -> None:
@@ -483,71 +271,71 @@ class Config:
         m, p, t = self.model, self.parallel, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
-        _require(
+        require(
             world_size % (tp * pp) == 0,
             f"World size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes.",
         )
         dp = world_size // (tp * pp)
-        _require(
+        require(
             m.num_attention_heads % tp == 0,
             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
             f"--tensor-model-parallel-size {tp}.",
         )
-        _require(
+        require(
             m.num_query_groups % tp == 0,
             f"--num-query-groups {m.num_query_groups} is not divisible by "
             f"--tensor-model-parallel-size {tp}.",
         )
-        _require(
+        require(
             m.ffn_hidden_size % tp == 0,
             f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}.",
         )
-        _require(
+        require(
             m.num_layers % pp == 0,
             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.",
         )
         vp = p.num_layers_per_virtual_pipeline_stage
         if vp is not None:
-            _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1.")
-            _require(
+            require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1.")
+            require(
                 m.num_layers % (pp * vp) == 0,
                 f"--num-layers {m.num_layers} is not divisible by pipeline size {pp} x "
                 f"--num-layers-per-virtual-pipeline-stage {vp}.",
             )
         if m.vocab_size is not None:
-            _require(
+            require(
                 m.padded_vocab_size % tp == 0,
                 f"Padded vocabulary {m.padded_vocab_size} is not divisible by TP {tp}; "
                 "set --make-vocab-size-divisible-by to a multiple of the TP size.",
             )
         if m.is_moe:
-            _require(
+            require(
                 m.num_experts % ep == 0,
                 f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}.",
             )
-            _require(
+            require(
                 world_size % (etp * ep * pp) == 0,
                 f"World size {world_size} is not divisible by --expert-model-parallel-size {ep} x "
                 f"--expert-tensor-parallel-size {etp} x pipeline size {pp}.",
             )
-            _require(
+            require(
                 m.expert_ffn_hidden_size % etp == 0,
                 f"Expert FFN size {m.expert_ffn_hidden_size} is not divisible by "
                 f"--expert-tensor-parallel-size {etp}.",
             )
         else:
-            _require(ep == 1, "--expert-model-parallel-size > 1 needs an MoE model (--num-experts).")
+            require(ep == 1, "--expert-model-parallel-size > 1 needs an MoE model (--num-experts).")
         if t.global_batch_size is None:
             t.global_batch_size = t.micro_batch_size * dp
-        _require(
+        require(
             t.global_batch_size % (t.micro_batch_size * dp) == 0,
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}.",
         )
         if vp is not None:
             num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-            _require(
+            require(
                 num_microbatches % pp == 0,
                 f"The interleaved schedule needs the number of micro batches ({num_microbatches}) "
                 f"to be a multiple of the pipeline size {pp}; raise --global-batch-size.",
@@ -563,6 +351,6 @@ class Config:
             values = dict(data.get(name, {}))
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = set(values) - known
-            _require(not unknown, f"Unknown {name} option(s): {sorted(unknown)}.")
+            require(not unknown, f"Unknown {name} option(s): {sorted(unknown)}.")
             sections[name] = section_cls(**values)
         return cls(**sections)

@@ -1,7 +1,7 @@
 """btx-megatron checkpoint (any saved layout) -> Hugging Face ``LlamaForCausalLM`` / ``MixtralForCausalLM``.
 
 Streams: the checkpoint is read slice by slice (one decoder layer, or one expert, at a time,
-whatever TP/PP/EP layout wrote it, with :class:`btx_megatron.checkpoint.storage.CheckpointReader`:
+whatever TP/PP/EP layout wrote it, with :class:`btx_megatron.checkpoint.dcp_reader.CheckpointReader`:
 positional reads straight into the slice's buffer; the next group is read on a thread while
 the current one is converted and written) and each converted tensor is appended straight to
 its safetensors shard (at most ``max_shard_size`` bytes; headers are planned up front). Peak
@@ -69,7 +69,7 @@ class CheckpointReader:
 
     def __init__(self, ckpt_dir: Path):
         from ..checkpoint.verify import verify_files
-        from ..checkpoint.storage import CheckpointReader as ChunkReader
+        from ..checkpoint.dcp_reader import CheckpointReader as ChunkReader
 
         self.dir = Path(ckpt_dir)
         self._reader = ChunkReader(self.dir, verify_files(self.dir, f"--load {self.dir}"), f"--load {self.dir}")

@@ -10,7 +10,7 @@ loads at any TP/PP/EP layout, plus::
 
 Streams: each Megatron slice (one layer of one key, or one expert) is computed from its
 Hugging Face tensors through :mod:`.mapping` and written at once as one chunk of a
-``torch_dist`` checkpoint (:mod:`btx_megatron.checkpoint.storage`; a writer thread overlaps the
+``torch_dist`` checkpoint (:mod:`btx_megatron.checkpoint.dcp_writer`; a writer thread overlaps the
 writes with the next slices' reads). The keys and global shapes are the ones Megatron-Core's
 ``GPTModel`` saves (:func:`.mapping.megatron_global_shapes`), so the trainer loads the result at
 any TP/PP/EP layout. No model is built and Megatron-Core is not imported; peak memory is a few
@@ -130,7 +130,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, make_vocab_size_divisib
 def _write_weights(ckpt_dir: Path, weights: HFWeights, s: mapping.Shapes, dtype: torch.dtype,
                    progress: bool) -> Progress:
     """Every Megatron slice as one chunk of ``ckpt_dir`` (plus the common state and metadata)."""
-    from ..checkpoint.storage import COMMON_STATE_KEY, DistcpWriter, common_state_bytes, write_metadata
+    from ..checkpoint.dcp_writer import COMMON_STATE_KEY, DistcpWriter, common_state_bytes, write_metadata
 
     global_shapes = mapping.megatron_global_shapes(s)
     addresses = _addresses(s)

@@ -63,7 +63,7 @@ class SafetensorsFile:
         return self.entries[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        from ..checkpoint.storage import pread_into, tensor_bytes
+        from ..checkpoint.storage_io import pread_into, tensor_bytes
 
         dtype, shape, offset, nbytes = self.entries[name]
         if self._fd is None:

@@ -7,7 +7,8 @@ happen inside the functions, so importing this package is cheap.
 """
 
 from btx_megatron.config.blend import Blend, parse_blend
-from btx_megatron.data.corpora import DOMAINS, CorporaConfig, build_corpora
+from btx_megatron.data.corpora import CorporaConfig, build_corpora
+from btx_megatron.data.documents import DOMAINS
 from btx_megatron.data.datasets import (
     build_domain_eval_datasets,
     build_pretraining_datasets,

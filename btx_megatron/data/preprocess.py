@@ -258,11 +258,46 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     tag = f".tmp-{os.getpid()}"
     builders = {key: IndexedDatasetBuilder(prefix + ".bin" + tag, dtype=dtype) for key, prefix in prefixes.items()}
-
-    skipped: Counter = Counter()
-    tokens_per_key: Counter = Counter()
-    num_docs = num_tokens = num_bytes = num_empty = 0
     progress = _Progress(cfg.log_interval, log_stream)
+    tally = _write_temporaries(cfg, paths, tokenizer, builders, prefixes, tag, progress, log_stream)
+    _publish(cfg, paths, tokenizer, dtype, prefixes, tag, tally)
+
+    elapsed = time.perf_counter() - progress.start
+    progress.maybe_log(tally.num_docs, tally.num_bytes, tally.num_tokens, final=True)
+    result = PreprocessResult(
+        output_prefixes=prefixes,
+        num_documents=tally.num_docs,
+        num_tokens=tally.num_tokens,
+        num_bytes=tally.num_bytes,
+        skipped=dict(sorted(tally.skipped.items())),
+        num_empty=tally.num_empty,
+        seconds=elapsed,
+    )
+    if result.num_skipped or tally.num_empty:
+        details = ", ".join(f"{reason}: {count}" for reason, count in result.skipped.items())
+        print(
+            f"skipped {result.num_skipped} bad records ({details or 'none'}) and {tally.num_empty} empty documents",
+            file=log_stream,
+        )
+    return result
+
+
+@dataclass
+class _Tally:
+    """What a run has written and skipped so far."""
+
+    skipped: Counter = field(default_factory=Counter)
+    tokens_per_key: Counter = field(default_factory=Counter)
+    num_docs: int = 0
+    num_tokens: int = 0
+    num_bytes: int = 0
+    num_empty: int = 0
+
+
+def _write_temporaries(cfg: PreprocessConfig, paths: list[str], tokenizer, builders: dict, prefixes: dict[str, str],
+                       tag: str, progress: _Progress, log_stream) -> _Tally:
+    """Tokenises every record into ``builders`` and finalises the ``.idx`` files, all under temporary
+    names (``prefix.bin|.idx`` + ``tag``); on failure the workers stop and the temporaries go."""
     init_args = (cfg.tokenizer_type, cfg.tokenizer_model, cfg.json_keys, cfg.append_eod, paths)
     pool = None
     completed = False
@@ -276,29 +311,7 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
             context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
             pool = context.Pool(cfg.workers, initializer=_init_worker, initargs=init_args)
             results = pool.imap(_encode, records, chunksize=cfg.chunksize)
-        for status, payload, extra in results:
-            if status == "bad":
-                if cfg.strict:
-                    raise ValueError(f"bad record (--strict): {extra}")
-                if skipped[payload] < 5:  # a few examples, then only the counts
-                    print(f"skipping {extra}", file=log_stream)
-                skipped[payload] += 1
-                continue
-            if all(len(ids) == 0 for ids in payload):
-                num_empty += 1
-                continue
-            for key, ids in zip(cfg.json_keys, payload):
-                builders[key].add_document(ids, [len(ids)])
-                num_tokens += len(ids)
-                tokens_per_key[key] += len(ids)
-            num_docs += 1
-            num_bytes += extra
-            progress.maybe_log(num_docs, num_bytes, num_tokens)
-        if num_docs == 0:
-            raise ValueError(
-                f"--input produced no documents ({sum(skipped.values())} bad records skipped, "
-                f"{num_empty} empty): check --json-keys and the input files."
-            )
+        tally = _add_documents(cfg, results, builders, progress, log_stream)
         for key, prefix in prefixes.items():
             builders[key].finalize(prefix + ".idx" + tag)
         completed = True
@@ -314,7 +327,42 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
                 builders[key].data_file.close()
                 _remove_quietly(prefix + ".bin" + tag)
                 _remove_quietly(prefix + ".idx" + tag)
+    return tally
 
+
+def _add_documents(cfg: PreprocessConfig, results, builders: dict, progress: _Progress, log_stream) -> _Tally:
+    """Adds the encoded records (``_encode``'s results, in input order) to ``builders``, skipping and
+    counting bad and empty ones; ValueError when nothing is left (or on a bad record if strict)."""
+    tally = _Tally()
+    for status, payload, extra in results:
+        if status == "bad":
+            if cfg.strict:
+                raise ValueError(f"bad record (--strict): {extra}")
+            if tally.skipped[payload] < 5:  # a few examples, then only the counts
+                print(f"skipping {extra}", file=log_stream)
+            tally.skipped[payload] += 1
+            continue
+        if all(len(ids) == 0 for ids in payload):
+            tally.num_empty += 1
+            continue
+        for key, ids in zip(cfg.json_keys, payload):
+            builders[key].add_document(ids, [len(ids)])
+            tally.num_tokens += len(ids)
+            tally.tokens_per_key[key] += len(ids)
+        tally.num_docs += 1
+        tally.num_bytes += extra
+        progress.maybe_log(tally.num_docs, tally.num_bytes, tally.num_tokens)
+    if tally.num_docs == 0:
+        raise ValueError(
+            f"--input produced no documents ({sum(tally.skipped.values())} bad records skipped, "
+            f"{tally.num_empty} empty): check --json-keys and the input files."
+        )
+    return tally
+
+
+def _publish(cfg: PreprocessConfig, paths: list[str], tokenizer, dtype, prefixes: dict[str, str], tag: str,
+             tally: _Tally) -> None:
+    """Moves the finished temporaries into place, each with its ``.meta.json``."""
     fingerprint = tokenizer_fingerprint(cfg.tokenizer_type, cfg.tokenizer_model, tokenizer.vocab_size)
     fingerprint["model_path"] = os.path.abspath(cfg.tokenizer_model)
     for key, prefix in prefixes.items():
@@ -329,29 +377,10 @@ def preprocess(cfg: PreprocessConfig, log_stream=None) -> PreprocessResult:
                 "json_key": key,
                 "append_eod": cfg.append_eod,
                 "inputs": [os.path.abspath(p) for p in paths],
-                "num_documents": num_docs,
-                "num_tokens": tokens_per_key[key],
+                "num_documents": tally.num_docs,
+                "num_tokens": tally.tokens_per_key[key],
                 "dtype": np.dtype(dtype).name,
                 "extra": cfg.extra_meta,
             },
         )
         os.replace(prefix + ".idx" + tag, prefix + ".idx")
-
-    elapsed = time.perf_counter() - progress.start
-    progress.maybe_log(num_docs, num_bytes, num_tokens, final=True)
-    result = PreprocessResult(
-        output_prefixes=prefixes,
-        num_documents=num_docs,
-        num_tokens=num_tokens,
-        num_bytes=num_bytes,
-        skipped=dict(sorted(skipped.items())),
-        num_empty=num_empty,
-        seconds=elapsed,
-    )
-    if result.num_skipped or num_empty:
-        details = ", ".join(f"{reason}: {count}" for reason, count in result.skipped.items())
-        print(
-            f"skipped {result.num_skipped} bad records ({details or 'none'}) and {num_empty} empty documents",
-            file=log_stream,
-        )
-    return result

@@ -29,36 +29,31 @@ experiment's own model, the mix phase's output ``(a)``:
    mixed without that domain, its data left out of the mix phase).
 
 Every model is evaluated on the same held-out sequences of all four domains; the report
-(``OUT/grow/report/grow.md``, ``grow.json``, ``grow.png``, ``remove.png``) gives the tables,
-each old domain's change against ``(a)`` (the 2% / 1% targets say how much they moved, not
+(:mod:`.grow_report`: ``OUT/grow/report/grow.md``, ``grow.json``, ``grow.png``, ``remove.png``) gives
+the tables, each old domain's change against ``(a)`` (the 2% / 1% targets say how much they moved, not
 pass/fail), the removed domain's gap to its reference, and the added training FLOPs.
 
 Sub-stages are ordinary stage records (``grow:branch``, ``grow:add``, ...), reused when their
-inputs and outputs are unchanged. Edits and the corpora job run in child processes
-(``python -m btx_megatron.experiment.grow JOB SPEC.json``), training runs through the local runner,
-merges and evaluation through :mod:`.worker`.
+inputs and outputs are unchanged. Training runs through the local runner; edits, the corpora
+job, merges and evaluation run in child processes through :mod:`.worker`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint as fmt
 from ..config.experiment import SEED_NAME, BlendEntry, Budget, StageOptions
 from ..launch import plan as planning
 from ..launch.plan import MIX_NAME, RunPlan
-from ..runtime.processes import ChildFailed, run_logged
+from .evaluation import eval_num_samples
+from .grow_report import (
+    GROWN, OLD_DOMAIN_TOLERANCE, REMAINING_TOLERANCE, relative, removal_row, same_model_tensors, write_grow_report,
+)
 from .state import Check, PipelineError, check_checkpoint_root, eval_check, file_fingerprint, read_json
 
 STAGE = "grow"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GROWN = ("mix", "mix_peak", "expert_only", "expert", "expert_all", "rebuild")  # rows trained after the add
-OLD_DOMAIN_TOLERANCE = 0.02  # old domains after an add: the issue's 2% relative
-REMAINING_TOLERANCE = 0.01   # remaining domains after a remove: 1% relative
 
 
 @dataclasses.dataclass
@@ -105,7 +100,8 @@ class Grow:
             raise PipelineError("grow builds its new domain into the experiment's built-in corpora directory "
                                 "(tokenizer DIR/tokenizer/tokenizer.model and data under DIR/data/); this experiment's "
                                 "data lives elsewhere.")
-        from ..data.corpora import EXTRA_DOMAINS, extra_domain_prefix
+        from ..data.documents import EXTRA_DOMAINS
+        from ..data.extra_domains import extra_domain_prefix
 
         d = self.opts.domain
         if d in self.exp.domain_names:
@@ -193,21 +189,10 @@ class Grow:
         return plans
 
     # ------------------------------------------------------------------ jobs
-    def _job(self, job: str, spec: dict[str, Any], log: str, label: str) -> None:
-        """A job of this module (:func:`main`) in a child process, like the pipeline's worker jobs."""
-        spec_path = self.p.out / "logs" / f"{log}.spec.json"
-        spec_path.parent.mkdir(parents=True, exist_ok=True)
-        fmt.write_json_atomic(spec_path, spec)
-        try:
-            run_logged([self.p.python, "-m", "btx_megatron.experiment.grow", job, str(spec_path)],
-                       self.p.out / "logs" / f"{log}.log", label, cwd=REPO_ROOT, echo=self.p.echo)
-        except ChildFailed as exc:
-            raise PipelineError(str(exc)) from None
-
     def _ensure_edit(self, name: str, job: str, spec: dict, inputs: dict, num_experts: int) -> dict[str, str]:
         out = Path(spec["output"])
         return self.p.runner.ensure(name, STAGE, spec, inputs, self.p._merge_check(out, name, num_experts),
-                                    lambda _: self._job(job, spec, name.replace(":", "_"), f"{name} ({job})"))
+                                    lambda _: self.p._job(job, spec, name.replace(":", "_"), f"{name} ({job})"))
 
     def _required(self) -> dict[str, dict]:
         """Fingerprints of the finished BTX run this stage starts from."""
@@ -293,7 +278,7 @@ class Grow:
         return self._report(models, plans, eval_fps)
 
     def _extra_domain(self, corpora_fp: dict) -> dict[str, str]:
-        from ..data.corpora import extra_domain_manifest_path
+        from ..data.extra_domains import extra_domain_manifest_path
 
         manifest = Path(extra_domain_manifest_path(str(self.corpora), self.opts.domain))
         spec = {"corpora": str(self.corpora), "domain": self.opts.domain}
@@ -309,8 +294,8 @@ class Grow:
             return Check(True, fingerprint={"manifest": file_fingerprint(manifest)})
 
         return self.p.runner.ensure(f"{STAGE}:corpora", STAGE, spec, {"corpora": corpora_fp}, validate,
-                                    lambda _: self._job("extra_domain", spec, "grow_corpora",
-                                                        f"grow: {self.opts.domain} domain (btx_megatron.data.corpora)"))
+                                    lambda _: self.p._job("extra_domain", spec, "grow_corpora",
+                                                          f"grow: {self.opts.domain} domain (btx_megatron.data.corpora)"))
 
     # ------------------------------------------------------------------ evaluation and report
     def models(self, plans: dict[str, RunPlan]) -> list[_Model]:
@@ -344,7 +329,7 @@ class Grow:
         eval_dir = self.out / "eval"
         common = {"domains": {k: [v] for k, v in self.eval_domains.items()},
                   "tokenizer_type": self.exp.tokenizer_type, "tokenizer_model": self.exp.tokenizer_model,
-                  "num_samples": p.eval_num_samples()}
+                  "num_samples": eval_num_samples(p)}
         members = {f"{STAGE}:evaluate:{m.key}": ({**common, "path": str(m.path)}, {"model": fps[m.key]},
                                                  eval_check(eval_dir / f"{m.key}.json", list(self.eval_domains)))
                    for m in models}
@@ -413,139 +398,9 @@ class Grow:
                                                "remaining_after_remove": REMAINING_TOLERANCE}}
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure helpers of the report (tested without any training)
-# ---------------------------------------------------------------------------------------------
-
-
-def relative(value: float, reference: float) -> float:
-    """Relative change ``value / reference - 1``."""
-    return value / reference - 1.0
-
-
-def removal_row(label: str, key: str, ppl: dict[str, dict[str, float]], removed: str, *, ref: str, before: str,
-                domains: list[str], identical: bool | None = None) -> dict[str, Any]:
-    """A removal: the removed domain's gap to ``ref`` (the model without that domain) and the
-    change of every remaining domain against ``before`` (the model it was removed from)."""
-    remaining = [x for x in domains if x != removed]
-    row = {"key": key, "label": label, "removed": removed, "reference": ref, "before": before,
-           "ppl": ppl[key], "removed_gap": relative(ppl[key][removed], ppl[ref][removed]),
-           "remaining_change": {x: relative(ppl[key][x], ppl[before][x]) for x in remaining}}
-    if identical is not None:
-        row["bit_identical_to_reference"] = identical
-    return row
-
-
 def _flops(save_dir: Path) -> float:
     summary = read_json(Path(save_dir) / "eval_summary.json") or {}
     return float(summary.get("flops", 0.0))
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:+.2f}%"
-
-
-def _worst(changes: dict[str, float]) -> tuple[str, float]:
-    name = max(changes, key=lambda k: abs(changes[k]))
-    return name, changes[name]
-
-
-def _human(value: float) -> str:
-    from ..eval.report import _human as human
-
-    return human(value)
-
-
-def format_grow_markdown(s: dict[str, Any]) -> str:
-    d, old = s["domain"], s["old_domains"]
-    doms = [*old, d]
-    tol = s["tolerances"]
-    lines = [f"# Growing and pruning the BTX model: + {d}, - {s['remove_domain'] or '(none)'}", "",
-             f"## Add a domain: {d} (N = {s['steps']} steps, router row: {s['router_init']})", "",
-             "| model | " + " | ".join(f"{x} ppl" for x in doms) + " | old domains vs (a) | added training FLOPs |",
-             "|---|" + "---:|" * (len(doms) + 2)]
-    for row in s["grow"]:
-        if row["key"] == "btx":
-            change = "-"
-        else:
-            name, worst = _worst(row["old_change"])
-            flag = "" if abs(worst) <= tol["old_domains_after_add"] else " (over 2%)"
-            change = f"max {_pct(worst)} ({name}){flag}"
-        lines.append(f"| {row['label']} | " + " | ".join(f"{row['ppl'][x]:.2f}" for x in doms)
-                     + f" | {change} | {_human(row['added_flops']) if row['added_flops'] else '-'} |")
-    lines += ["", "Old domains vs (a): the largest relative perplexity change over "
-              f"{', '.join(old)} against the BTX model before the add (target: within "
-              f"{100 * tol['old_domains_after_add']:.0f}%). Added training FLOPs: the {d} branch plus what "
-              "each row trained after it ((b) trains nothing after the branch); the rebuild reuses the three "
-              "existing branches and trains the same N mix steps as (c).", "",
-              "## Remove a domain", "",
-              "| model | " + " | ".join(f"{x} ppl" for x in doms) + " | removed domain vs reference | "
-              "remaining domains vs before |", "|---|" + "---:|" * (len(doms) + 2)]
-    labels, short = s["labels"], s.get("short", {})
-    for row in s["remove"]:
-        name, worst = _worst(row["remaining_change"])
-        flag = "" if abs(worst) <= tol["remaining_after_remove"] else " (over 1%)"
-        same = " (bit-identical to it)" if row.get("bit_identical_to_reference") else ""
-        ref, before = (short.get(row[k], labels[row[k]]) for k in ("reference", "before"))
-        lines.append(f"| {row['label']} | " + " | ".join(f"{row['ppl'][x]:.2f}" for x in doms)
-                     + f" | {row['removed']}: {_pct(row['removed_gap'])} vs {ref}{same}"
-                     + f" | max {_pct(worst)} ({name}) vs {before}{flag} |")
-    if s["remove_domain"]:
-        without = s["ppl"]["without"]
-        lines.append(f"| {labels['without']} | " + " | ".join(f"{without[x]:.2f}" for x in doms) + " | reference | - |")
-    lines += ["", "Removed domain vs reference: its perplexity after the removal relative to the model that never "
-              "had that expert (for the new domain: (a); for an original domain: BTX merged from the other "
-              "branches and mixed as long as (a), without that domain's data). Remaining domains: the largest "
-              f"relative change against the model the expert was removed from (target: within "
-              f"{100 * tol['remaining_after_remove']:.0f}%).", "", "![grow](grow.png)", "", "![remove](remove.png)"]
-    return "\n".join(lines) + "\n"
-
-
-def write_grow_report(report_dir: Path, s: dict[str, Any]) -> None:
-    from ..eval.report import ResultRow, plot_perplexities
-
-    report_dir.mkdir(parents=True, exist_ok=True)
-    doms = [*s["old_domains"], s["domain"]]
-
-    def rows(keys):
-        return [ResultRow(s["labels"][k], "other", {x: {"ppl": s["ppl"][k][x]} for x in doms}) for k in keys]
-
-    grown = [k for k in ("btx", "added", *GROWN) if k in s["labels"]]
-    plot_perplexities(rows(grown), report_dir / "grow.png", doms)
-    remove_keys = ["btx", "expert_minus", "mix_minus"] + (["btx_minus", "without"] if s["remove_domain"] else [])
-    plot_perplexities(rows(remove_keys), report_dir / "remove.png", doms)
-    fmt.write_json_atomic(report_dir / "grow.json", s)
-    fmt.write_text_atomic(report_dir / "grow.md", format_grow_markdown(s))
-
-
-def same_model_tensors(a: Path, b: Path) -> bool:
-    """Whether two checkpoints hold the same model tensors, bit for bit (any saved layouts)."""
-    import torch
-
-    from ..checkpoint.verify import dcp_metadata
-    from ..checkpoint.storage import CheckpointReader
-
-    readers = []
-    for root in (a, b):
-        ckpt_dir, _ = fmt.resolve(root)
-        readers.append(CheckpointReader(ckpt_dir, dcp_metadata(ckpt_dir), str(root)))
-    try:
-        keys = [{k for k in r.tensors if k.startswith(("embedding.", "decoder.", "output_layer."))} for r in readers]
-        if keys[0] != keys[1]:
-            return False
-        for k in sorted(keys[0]):
-            (shape, dtype), other = readers[0].tensors[k], readers[1].tensors[k]
-            if (shape, dtype) != other:
-                return False
-            x, y = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-            readers[0].read(k, (0,) * len(shape), x)
-            readers[1].read(k, (0,) * len(shape), y)
-            if not torch.equal(x, y):
-                return False
-        return True
-    finally:
-        for r in readers:
-            r.close()
 
 
 def stage_grow(pipeline, opts: GrowOptions | None = None) -> dict[str, Any]:
@@ -553,49 +408,4 @@ def stage_grow(pipeline, opts: GrowOptions | None = None) -> dict[str, Any]:
     return Grow(pipeline, opts).run()
 
 
-# ---------------------------------------------------------------------------------------------
-# Child-process jobs: python -m btx_megatron.experiment.grow JOB SPEC.json
-# ---------------------------------------------------------------------------------------------
-
-
-def _extra_domain_job(spec: dict[str, Any]) -> None:
-    from ..data.corpora import ExtraDomainConfig, build_extra_domain
-
-    build_extra_domain(ExtraDomainConfig(**spec))
-
-
-def _add_job(spec: dict[str, Any]) -> None:
-    from ..merge.edit import AddOptions, add_expert
-
-    add_expert(AddOptions(**{**spec, "branch": tuple(spec["branch"])}))
-
-
-def _remove_job(spec: dict[str, Any]) -> None:
-    from ..merge.edit import RemoveOptions, remove_expert
-
-    remove_expert(RemoveOptions(**spec))
-
-
-JOBS = {"extra_domain": _extra_domain_job, "add": _add_job, "remove": _remove_job}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in JOBS:
-        print(f"usage: python -m btx_megatron.experiment.grow {{{','.join(JOBS)}}} SPEC.json", file=sys.stderr)
-        return 2
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from ..runtime.distributed import run_entrypoint
-
-    spec = json.loads(Path(argv[1]).read_text())
-    return run_entrypoint(lambda: JOBS[argv[0]](spec))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["Grow", "GrowOptions", "STAGE", "format_grow_markdown", "removal_row", "relative", "same_model_tensors",
-           "stage_grow", "write_grow_report"]
+__all__ = ["Grow", "GrowOptions", "STAGE", "stage_grow"]

@@ -19,8 +19,8 @@ Stages, in order (each reads the outputs of the ones before it)::
     report     results table (markdown + JSON), loss curves and perplexity PNGs
 
 Training runs are the :class:`~btx_megatron.launch.plan.RunPlan` of :mod:`btx_megatron.launch`;
-the other jobs run in a child process through :mod:`.worker`. Stage state, reuse and roll-back
-are in :mod:`.state`.
+the other jobs run in a child process through :mod:`.worker`. The evaluate, tasks and routing
+stages are in :mod:`.evaluation`; stage state, reuse and roll-back are in :mod:`.state`.
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ import yaml
 from .. import checkpoint as fmt
 from ..config.experiment import DENSE_NAME, SEED_NAME, Experiment, ExperimentError
 from ..config.experiment_file import apply_overrides, parse_experiment, read_experiment_document
-from ..config.schema import ROUTER_TYPES
+from ..config.model import ROUTER_TYPES
 from ..launch import plan as planning
 from ..launch.local import LocalRunner
 from ..launch.plan import MIX_NAME, UPCYCLING_NAME, RunPlan
 from ..runtime.processes import ChildFailed, run_logged
 from . import results
-from .results import MERGED_ROW, ORACLE_ROW
+from .evaluation import MERGED_ROW, ORACLE_ROW, stage_evaluate, stage_routing, stage_tasks
 from .state import (
-    STATE_FILE, Check, PipelineError, StageRunner, State, check_checkpoint_root, check_training_run, eval_check,
-    file_fingerprint, read_json, roll_back_to_intact,
+    STATE_FILE, Check, PipelineError, StageRunner, State, check_checkpoint_root, check_training_run, file_fingerprint,
+    read_json, roll_back_to_intact,
 )
 
 STAGES = ("corpora", "seed", "branches", "merge", "mix", "dense", "upcycling", "evaluate", "tasks", "routing",
@@ -340,112 +340,7 @@ class Pipeline:
         # The budget follows from the branches' and the mix's FLOPs, which are part of the flags.
         return self._train_stage(DENSE_NAME, "dense", plan, {"seed": seed_fp})
 
-    # ------------------------------------------------------------------ evaluation
-    def eval_models(self) -> dict[str, dict[str, Any]]:
-        """Every model of the results table: name -> {"path"} or {"btm": {branch: path}}."""
-        exp = self.exp
-        models: dict[str, dict[str, Any]] = {SEED_NAME: {"path": str(self.seed_checkpoint)}}
-        for name in self.branch_names:
-            models[name] = {"path": str(self.plans[name].save_dir)}
-        if exp.baselines.dense.enabled:
-            models[DENSE_NAME] = {"path": str(self.plans[DENSE_NAME].save_dir)}
-        if exp.baselines.upcycling.enabled:
-            models[UPCYCLING_NAME] = {"path": str(self.plans[UPCYCLING_NAME].save_dir)}
-        if exp.baselines.btm.enabled:
-            models["btm"] = {"btm": {n: str(self.plans[n].save_dir) for n in self.branch_names},
-                             "train_data": {n: [e.prefix for e in exp.domain(n).data] for n in self.branch_names},
-                             "top_k": exp.baselines.btm.top_k}
-        # The merged model before any mix-phase step: how much of the branches the merge keeps.
-        models[MERGED_ROW] = {"path": str(exp.merged_dir)}
-        own = {d: d for d in exp.eval_domains if d in self.branch_names}
-        if own and exp.merge.method == "btx":
-            models[ORACLE_ROW] = {"path": str(exp.merged_dir), "force_expert": own}
-        models["btx"] = {"path": str(self.plans[MIX_NAME].save_dir)}
-        for rt, plan in self.variant_plans().items():
-            models[f"btx_{rt}"] = {"path": str(plan.save_dir)}
-        return models
-
-    def eval_num_samples(self) -> int:
-        gbs = self.plans[self.branch_names[0]].config.train.global_batch_size
-        return self.exp.evaluation.eval_iters * gbs
-
-    def stage_evaluate(self, fps: dict[str, dict]) -> dict[str, str]:
-        models = self.eval_models()
-        common = {"domains": {k: [v] for k, v in self.exp.eval_domains.items()},
-                  "tokenizer_type": self.exp.tokenizer_type, "tokenizer_model": self.exp.tokenizer_model,
-                  "num_samples": self.eval_num_samples()}
-        members = {f"evaluate:{name}": ({**common, **model}, {"model": fps[name]},
-                                        eval_check(self.eval_dir / f"{name}.json", list(self.exp.eval_domains)))
-                   for name, model in models.items()}
-
-        def build(checks: dict[str, Check]) -> None:
-            names = [stage.split(":", 1)[1] for stage in checks]
-            self.eval_dir.mkdir(parents=True, exist_ok=True)
-            for n in names:
-                (self.eval_dir / f"{n}.json").unlink(missing_ok=True)
-            spec = {**common, "models": {n: models[n] for n in names},
-                    "outputs": {n: str(self.eval_dir / f"{n}.json") for n in names}}
-            self._job("evaluate", spec, "evaluate", "evaluation")
-
-        out = self.runner.ensure_group("evaluate", members, build, label="evaluate")
-        return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
-
-    def task_models(self) -> dict[str, str]:
-        """The models of the downstream-task table (an ensemble and forced routing are not run
-        through the harness)."""
-        return {name: m["path"] for name, m in self.eval_models().items() if "path" in m and "force_expert" not in m}
-
-    def stage_tasks(self, fps: dict[str, dict]) -> dict[str, str]:
-        root = self.corpora_dir()
-        if not self.exp.evaluation.tasks or root is None:
-            return {}
-        models = self.task_models()
-        task_dir = self.out / "eval" / "tasks"
-        common = {"corpora": str(root), "task_dir": str(task_dir / "data"), "num_items": self.exp.evaluation.task_items,
-                  "max_tokens": self.plans[self.branch_names[0]].config.model.seq_length,
-                  "tokenizer_type": self.exp.tokenizer_type, "tokenizer_model": self.exp.tokenizer_model}
-
-        def validate(path: Path) -> Callable[[], Check]:
-            def check() -> Check:
-                data = read_json(path)
-                if not isinstance(data, dict) or not isinstance(data.get("domains"), dict) or not data["domains"]:
-                    return Check(False, f"{path} is missing or has no per-domain accuracies")
-                return Check(True, fingerprint={"result": file_fingerprint(path)})
-            return check
-
-        members = {f"tasks:{n}": ({**common, "model": p}, {"model": fps[n]}, validate(task_dir / f"{n}.json"))
-                   for n, p in models.items()}
-
-        def build(checks: dict[str, Check]) -> None:
-            names = [stage.split(":", 1)[1] for stage in checks]
-            spec = {**common, "models": {n: models[n] for n in names},
-                    "outputs": {n: str(task_dir / f"{n}.json") for n in names}}
-            self._job("tasks", spec, "tasks", "downstream tasks")
-
-        out = self.runner.ensure_group("tasks", members, build, label="tasks")
-        return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
-
-    # ------------------------------------------------------------------ routing and report
-    def stage_routing(self, mix_fp: dict) -> dict[str, str]:
-        out = self.report_dir / "routing"
-        domains = list(self.exp.eval_domains)
-        spec = {"load": str(self.plans[MIX_NAME].save_dir), "domains": {n: [p] for n, p in self.exp.eval_domains.items()},
-                "output": str(out), "overwrite": True, "num_batches": max(2, self.exp.evaluation.eval_iters),
-                "micro_batch_size": 4, "tokenizer_type": self.exp.tokenizer_type,
-                "tokenizer_model": self.exp.tokenizer_model}
-
-        def validate() -> Check:
-            report = read_json(out / "routing.json")
-            if not isinstance(report, dict) or set(report.get("domains", {})) != set(domains):
-                return Check(False, f"{out / 'routing.json'} is missing or does not cover {', '.join(domains)}")
-            missing = [d for d in domains if not (out / f"routing_{d}.png").is_file()]
-            if missing:
-                return Check(False, f"routing heatmaps missing for {', '.join(missing)}")
-            return Check(True, fingerprint={"routing": file_fingerprint(out / "routing.json")})
-
-        return self.runner.ensure("routing", "routing", spec, {"mix": mix_fp}, validate,
-                                  lambda _: self._job("routing", spec, "routing", "routing analysis"))
-
+    # ------------------------------------------------------------------ report
     def stage_report(self, eval_fps: dict[str, str], task_fps: dict[str, str], routing_fp: dict) -> dict[str, str]:
         files = ["results.md", "results.json", "loss_curves.png", "perplexity.png"]
 
@@ -499,11 +394,11 @@ class Pipeline:
                 fps[UPCYCLING_NAME] = self.stage_upcycling(seed_fp)
             if not wanted("evaluate"):
                 return {}
-            eval_fps = self.stage_evaluate(fps)
-            task_fps = self.stage_tasks(fps) if wanted("tasks") else {}
+            eval_fps = stage_evaluate(self, fps)
+            task_fps = stage_tasks(self, fps) if wanted("tasks") else {}
             if not wanted("routing"):
                 return {}
-            routing_fp = self.stage_routing(mix_fp)
+            routing_fp = stage_routing(self, mix_fp)
             if not wanted("report"):
                 return {}
             self.stage_report(eval_fps, task_fps, routing_fp)

@@ -12,13 +12,11 @@ from ..eval import report
 from ..eval.claims import check_claims
 from ..launch import plan as planning
 from ..launch.plan import MIX_NAME, UPCYCLING_NAME
+from .evaluation import MERGED_ROW, ORACLE_ROW, eval_models
 from .state import read_json
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
-
-MERGED_ROW = "btx_merged"  # the merged checkpoint before any mix-phase step (iteration 0)
-ORACLE_ROW = "btx_oracle"  # the merged checkpoint, each domain's tokens forced to its own expert
 
 
 def _summary(save: Path) -> dict:
@@ -57,7 +55,7 @@ def results_rows(p: "Pipeline") -> tuple[list[dict[str, Any]], tuple[float, floa
               MERGED_ROW: "BTX merged, before the mix phase",
               ORACLE_ROW: "BTX merged, oracle routing (domain -> own expert)"}
     rows = []
-    for name in p.eval_models():
+    for name in eval_models(p):
         data = read_json(p.eval_dir / f"{name}.json") or {}
         per = {d: (data.get("domains", {}).get(d) or {}) for d in domains}
         rows.append({

@@ -13,6 +13,12 @@ only what it needs, so a corpora build does not load the model stack):
     routing    btx_megatron.eval.routing.analyze (routing.json + heatmaps)
     tasks      btx_megatron.eval.harness.evaluate_checkpoints_on_tasks on the built-in
                downstream tasks (btx_megatron.eval.tasks), per model
+
+and the grow stage's (:mod:`.grow`):
+
+    extra_domain  btx_megatron.data.extra_domains.build_extra_domain (the new domain's data)
+    add           btx_megatron.merge.edit.add_expert (a branch as a new expert)
+    remove        btx_megatron.merge.edit.remove_expert
 """
 
 from __future__ import annotations
@@ -93,8 +99,29 @@ def tasks(spec: dict[str, Any]) -> None:
                                   fmt.write_json_atomic(spec["outputs"][name], {"model": name, **result}))
 
 
+def extra_domain(spec: dict[str, Any]) -> None:
+    from ..data.extra_domains import ExtraDomainConfig, build_extra_domain
+
+    build_extra_domain(ExtraDomainConfig(**spec))
+
+
+def add(spec: dict[str, Any]) -> None:
+    from ..merge.edit import add_expert
+    from ..merge.edit_options import AddOptions
+
+    add_expert(AddOptions(**{**spec, "branch": tuple(spec["branch"])}))
+
+
+def remove(spec: dict[str, Any]) -> None:
+    from ..merge.edit import remove_expert
+    from ..merge.edit_options import RemoveOptions
+
+    remove_expert(RemoveOptions(**spec))
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "corpora": corpora, "merge": merge, "evaluate": evaluate, "routing": routing, "tasks": tasks}
+    "corpora": corpora, "merge": merge, "evaluate": evaluate, "routing": routing, "tasks": tasks,
+    "extra_domain": extra_domain, "add": add, "remove": remove}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def check_sources(sources: list[Source], allow_duplicates: bool = False) -> None
 
 def model_config(src: Source):
     """The source's :class:`~btx_megatron.config.ModelConfig` (from its manifest)."""
-    from ..config.schema import ModelConfig
+    from ..config.model import ModelConfig
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     try:

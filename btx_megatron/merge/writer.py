@@ -41,14 +41,15 @@ import torch
 
 from .. import __version__
 from .. import checkpoint as fmt
+from ..checkpoint.dcp_reader import CheckpointReader
+from ..checkpoint.dcp_writer import COMMON_STATE_KEY, DistcpWriter, WrittenChunk, common_state_bytes, write_metadata
+from ..checkpoint.storage_io import BufferPool
 from ..runtime.distributed import all_gather_objects, broadcast_object, rank_world
 from ..runtime.progress import Progress
 from . import plan as core
 from .options import TOOL, MergeJob, MergeOptions, prepare
 from .router_init import compute_centroids, router_weight
 from .sources import Source, model_config
-from ..checkpoint.storage import (COMMON_STATE_KEY, BufferPool, CheckpointReader, DistcpWriter, WrittenChunk, common_state_bytes,
-                      write_metadata)
 from .units import Unit, assign_units, unit_cost
 
 MIB = float(1 << 20)

@@ -30,7 +30,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
 
-from ..config.schema import ROUTER_TYPES
+from ..config.model import ROUTER_TYPES
 
 # Balancing options that choose the experts themselves; they only make sense for the routers
 # that use Megatron's own selection.
@@ -391,7 +391,6 @@ def reset_routing_statistics(model_chunks) -> None:
 
 
 __all__ = [
-    "ROUTER_TYPES",
     "BTXTopKRouter",
     "SampleTop1Router",
     "SoftRouter",

@@ -1,4 +1,4 @@
-"""torch_dist tensor IO of the merge (btx_megatron.checkpoint.storage): the reader fills any box of a
+"""torch_dist tensor IO of the merge (btx_megatron.checkpoint.dcp_reader, dcp_writer): the reader fills any box of a
 global tensor exactly as PyTorch's DCP reader does (Megatron's per-layer chunks, whole-tensor
 chunks, records it cannot address directly), and what the writer writes is read back by
 PyTorch's DCP reader and by ``torch.load`` record by record."""
@@ -21,7 +21,7 @@ def branch(tmp_path_factory):
 
 def _reader(ckpt_dir):
     from btx_megatron.checkpoint.verify import verify_files
-    from btx_megatron.checkpoint.storage import CheckpointReader
+    from btx_megatron.checkpoint.dcp_reader import CheckpointReader
 
     return CheckpointReader(ckpt_dir, verify_files(ckpt_dir, "test"), "test")
 
@@ -77,8 +77,8 @@ def test_reader_falls_back_to_torch_load_for_strided_records(tmp_path):
 
 
 def test_writer_output_reads_back_with_pytorch(tmp_path):
-    from btx_megatron.checkpoint.storage import (COMMON_STATE_KEY, DistcpWriter, common_state_bytes, torch_save_framing,
-                                            write_metadata)
+    from btx_megatron.checkpoint.dcp_writer import (COMMON_STATE_KEY, DistcpWriter, common_state_bytes, torch_save_framing,
+                                               write_metadata)
 
     g = torch.Generator().manual_seed(0)
     layers = [torch.randn(3, 5, generator=g).to(torch.bfloat16) for _ in range(4)]

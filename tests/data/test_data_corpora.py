@@ -10,7 +10,7 @@ import pytest
 from tests.data.btx_data_testlib import train_tiny_tokenizer
 
 from btx_megatron.data import CorporaConfig, build_corpora, build_domain_eval_datasets, build_tokenizer
-from btx_megatron.data.corpora import roff_to_text
+from btx_megatron.data.documents import roff_to_text
 from btx_megatron.data.math_problems import math_document
 
 TOKENS = 20_000

@@ -1,5 +1,5 @@
 """Growing and pruning the experiment's BTX model (btx_megatron.experiment.grow) and its fourth
-domain (btx_megatron.data.corpora.build_extra_domain).
+domain (btx_megatron.data.extra_domains.build_extra_domain).
 
 Default tier: the extra domain built into a small corpora directory with its existing tokenizer,
 the grow stage's run plans and its report on given numbers, the pipeline hook's refusal without a
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from btx_megatron.experiment import load_pipeline
-from btx_megatron.experiment.grow import Grow, GrowOptions, format_grow_markdown, removal_row
+from btx_megatron.experiment.grow import Grow, GrowOptions
+from btx_megatron.experiment.grow_report import format_grow_markdown, removal_row
 from btx_megatron.experiment.state import PipelineError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,11 +51,12 @@ def test_extra_domain_is_c_headers_tokenized_with_the_existing_tokenizer(tmp_pat
     import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from btx_megatron.data import corpora
+    from btx_megatron.data import documents
+    from btx_megatron.data.extra_domains import ExtraDomainConfig, build_extra_domain
 
     root = _fake_corpora(tmp_path / "corpora")
     before = (root / "manifest.json").read_bytes()
-    m = corpora.build_extra_domain(corpora.ExtraDomainConfig(corpora=str(root), min_tokens=1000, workers=1))
+    m = build_extra_domain(ExtraDomainConfig(corpora=str(root), min_tokens=1000, workers=1))
     assert m["config"]["tokens"] == 3000 and m["config"]["valid_every"] == 5  # the corpora's own options
     assert (root / "manifest.json").read_bytes() == before  # the three-domain build's manifest untouched
     assert json.loads((root / "extra_domains" / "headers.json").read_text()) == m
@@ -70,7 +72,7 @@ def test_extra_domain_is_c_headers_tokenized_with_the_existing_tokenizer(tmp_pat
     assert m["splits"]["train"]["num_tokens"] >= 3000 and m["splits"]["valid"]["num_tokens"] >= 600
     # A second call with the same options reuses everything.
     stamp = os.stat(root / "data" / "headers_train.bin").st_mtime_ns
-    assert corpora.build_extra_domain(corpora.ExtraDomainConfig(corpora=str(root), min_tokens=1000, workers=1)) == m
+    assert build_extra_domain(ExtraDomainConfig(corpora=str(root), min_tokens=1000, workers=1)) == m
     assert os.stat(root / "data" / "headers_train.bin").st_mtime_ns == stamp
 
     # A machine with little text: what there is (marked), or a clear error below min_tokens.
@@ -79,15 +81,15 @@ def test_extra_domain_is_c_headers_tokenized_with_the_existing_tokenizer(tmp_pat
     for i in range(12):
         (few / f"h{i}.h").write_text(f"#ifndef H{i}\n#define H{i}\n" + "".join(
             f"extern int function_{i}_{j}(const char *name, unsigned long size);\n" for j in range(20)) + "#endif\n")
-    monkeypatch.setattr(corpora, "header_roots", lambda: [str(few)])
-    small = corpora.build_extra_domain(corpora.ExtraDomainConfig(corpora=str(tmp_path / "corpora"), tokens=50_000,
-                                                                 min_tokens=1000, workers=1))
+    monkeypatch.setattr(documents, "header_roots", lambda: [str(few)])
+    small = build_extra_domain(ExtraDomainConfig(corpora=str(tmp_path / "corpora"), tokens=50_000,
+                                                 min_tokens=1000, workers=1))
     assert small["exhausted"] and 1000 <= small["selected_tokens"]["train"] < 50_000
     with pytest.raises(ValueError, match="found only .* train .*needs at least 1000000 train tokens"):
-        corpora.build_extra_domain(corpora.ExtraDomainConfig(corpora=str(tmp_path / "corpora"), tokens=2_000_000,
-                                                             min_tokens=1_000_000))
+        build_extra_domain(ExtraDomainConfig(corpora=str(tmp_path / "corpora"), tokens=2_000_000,
+                                             min_tokens=1_000_000))
     with pytest.raises(ValueError, match="not a built corpora directory"):
-        corpora.build_extra_domain(corpora.ExtraDomainConfig(corpora=str(tmp_path / "few")))
+        build_extra_domain(ExtraDomainConfig(corpora=str(tmp_path / "few")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_grow_needs_a_finished_run(pipeline):
 
 
 def test_report_tables_on_given_numbers(tmp_path):
-    from btx_megatron.experiment.grow import write_grow_report
+    from btx_megatron.experiment.grow_report import write_grow_report
 
     old = ["code", "math", "wiki"]
     base = {"code": 10.0, "math": 2.0, "wiki": 20.0, "headers": 40.0}

@@ -41,7 +41,7 @@ def fake_corpora(root: Path) -> Path:
 
 def fake_seed(root: Path, **model_changes) -> Path:
     """A checkpoint ROOT with a manifest (enough for the shape check)."""
-    from btx_megatron.config.schema import ModelConfig
+    from btx_megatron.config.model import ModelConfig
     import dataclasses
 
     model = dataclasses.asdict(ModelConfig(**{**TINY_MODEL, "vocab_size": 512, **model_changes}))

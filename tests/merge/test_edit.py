@@ -26,14 +26,16 @@ NORM = "decoder.layers.pre_mlp_layernorm.weight"
 
 
 def add(load, output, branch, **kw):
-    from btx_megatron.merge.edit import AddOptions, add_expert
+    from btx_megatron.merge.edit import add_expert
+    from btx_megatron.merge.edit_options import AddOptions
 
     kw.setdefault("progress", False)
     return add_expert(AddOptions(load=str(load), output=str(output), branch=(branch[0], str(branch[1])), **kw))
 
 
 def remove(load, output, experts, **kw):
-    from btx_megatron.merge.edit import RemoveOptions, remove_expert
+    from btx_megatron.merge.edit import remove_expert
+    from btx_megatron.merge.edit_options import RemoveOptions
 
     kw.setdefault("progress", False)
     return remove_expert(RemoveOptions(load=str(load), output=str(output), experts=list(experts), **kw))
@@ -243,7 +245,8 @@ def _edit_and_train_ep2(merged: str, branch: str, out: str) -> dict:
     """On 2 gloo ranks: the add with work split over both, then 2 steps of pretrain_mix at EP2
     training only the new expert and its router rows."""
     from btx_megatron import pretrain_mix
-    from btx_megatron.merge.edit import AddOptions, add_expert
+    from btx_megatron.merge.edit import add_expert
+    from btx_megatron.merge.edit_options import AddOptions
 
     add_expert(AddOptions(load=merged, output=f"{out}/w2", branch=(NEW, branch), progress=False))
     argv = moe_argv(4, 2) + ["--mock-data", "--global-batch-size", "4", "--lr", "1e-2", "--lr-warmup-iters", "0",
@@ -275,7 +278,7 @@ def test_distributed_add_trains_at_ep2_and_removes_back_to_the_original(work, gr
     btx = manifest(tmp_path / "back")["btx"]
     assert "mix" not in btx and btx["mix_history"][0]["started_from"] == str(_iter(tmp_path / "w2"))
     assert btx["expert_training"][0]["experts"] == [NEW] and [e["op"] for e in btx["edits"]] == ["add", "remove"]
-    from btx_megatron.merge.edit import describe, format_description
+    from btx_megatron.merge.edit_list import describe, format_description
 
     text = format_description(describe(str(tmp_path / "back")))
     assert f"  - {NEW} with their router rows, from {_iter(tmp_path / 'w2')}" in text
