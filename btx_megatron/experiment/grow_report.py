@@ -18,8 +18,8 @@ from ..checkpoint.verify import dcp_metadata
 from ..eval.report import ResultRow, _human, plot_perplexities
 
 GROWN = ("mix", "mix_peak", "expert_only", "expert", "expert_all", "rebuild")  # rows trained after the add
-OLD_DOMAIN_TOLERANCE = 0.02  # old domains after an add: the 2% relative
-REMAINING_TOLERANCE = 0.01   # remaining domains after a remove: 1% relative
+OLD_DOMAIN_TOLERANCE = 0.02  # old domains after an add: at most 2% relative change
+REMAINING_TOLERANCE = 0.01   # remaining domains after a remove: at most 1% relative change
 
 
 def relative(value: float, reference: float) -> float:

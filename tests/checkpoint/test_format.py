@@ -1,4 +1,4 @@
-"""The checkpoint format under kills: publish, tracker and clean-up (issue #13, findings 1 and 5).
+"""The checkpoint format under kills: publish, tracker and clean-up.
 
 Checkpoints here are stand-ins (a manifest, metadata.json and a payload file): the format only
 looks at those. Kills are real: a small process calls ``publish`` and the fault-injection hook
@@ -81,7 +81,7 @@ def test_kill_between_the_renames_of_a_resave_keeps_the_tracked_iteration(run_di
 
 
 def test_issue_reproduction_side_copies_of_the_tracked_iteration(run_dir):
-    # From the issue: mv iter_0000040 .trash-iter_0000040-x; cp -a .trash-iter_0000040-x .staging-iter_0000040-y
+    # A kill between the renames, by hand: mv iter_0000040 .trash-iter_0000040-x; cp -a .trash-iter_0000040-x .staging-iter_0000040-y
     subprocess.run("mv iter_0000040 .trash-iter_0000040-x && cp -a .trash-iter_0000040-x .staging-iter_0000040-y",
                    shell=True, check=True, cwd=run_dir)
     removed = fmt.clean_stale_staging(run_dir)

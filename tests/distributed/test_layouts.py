@@ -43,7 +43,7 @@ def dense_reference(dense_init):
     "layout",
     [
         ["--tensor-model-parallel-size", "2"],
-        ["--pipeline-model-parallel-size", "2"],
+        pytest.param(["--pipeline-model-parallel-size", "2"], marks=pytest.mark.slow),  # pp2-interleaved: default tier
         ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
         pytest.param([], marks=pytest.mark.slow),  # DP2 (dp2-distopt runs in the default tier)
         ["--use-distributed-optimizer"],  # DP2 with the distributed optimizer

@@ -61,7 +61,7 @@ def tp1_run(tmp_path_factory):
     return base, reference["losses"]
 
 
-@pytest.mark.slow  # test_fully_reshardable_optimizer_state_changes_layout reshards in the default tier
+@pytest.mark.slow  # three more 2-process runs; the default tier reshards weights (tests/merge/test_edit.py: EP1 -> EP2)
 @pytest.mark.parametrize(
     "layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"]
 )
@@ -89,6 +89,7 @@ def test_dp_reshardable_optimizer_state_refuses_layout_change(tmp_path):
     assert out["iteration"] == 2
 
 
+@pytest.mark.slow  # three 2-process runs (81 s); the default tier reshards weights in tests/merge/test_edit.py
 def test_fully_reshardable_optimizer_state_changes_layout(tmp_path):
     argv = TINY_DENSE + ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
     run_distributed(train, 2, argv + ["--train-iters", "3", "--save", str(tmp_path / "a")])

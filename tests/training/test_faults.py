@@ -1,4 +1,4 @@
-"""Fault tolerance of training runs (issue #13, findings 1-7), each run a real process.
+"""Fault tolerance of training runs, each run a real process.
 
 Every run uses the start-or-resume command (``--load X --save X``) with the tiny mock-data
 model (TINY_DENSE), 6 iterations and a save every 2, and every interrupted run must end
@@ -44,7 +44,7 @@ def test_restart_restores_a_side_copy_and_never_resaves_the_same_iteration(dense
     ref, _ = dense_reference
     root = tmp_path / "run"
     shutil.copytree(ref, root)
-    # The issue's reproduction of a kill between the renames of a re-save of iteration 6 ...
+    # A kill between the renames of a re-save of iteration 6 ...
     subprocess.run("mv iter_0000006 .trash-iter_0000006-x && cp -a .trash-iter_0000006-x .staging-iter_0000006-y",
                    shell=True, check=True, cwd=root)
     # ... plus what other kills leave: a cut staging directory and temporary files.
@@ -89,6 +89,7 @@ def test_signal_at_a_save_interval_iteration_saves_once_and_resumes_bit_exact(de
 
 
 # ------------------------------------------------------------------ 6. metrics after SIGKILL + resume
+@pytest.mark.slow  # every fault-injection chain checks one record per iteration in the default tier
 def test_metrics_hold_one_record_per_iteration_after_a_sigkill(dense_reference, tmp_path):
     ref, _ = dense_reference
     root = tmp_path / "run"
