@@ -12,8 +12,9 @@ What it does, in one run:
    all: every input was just written or read):
    * ``mergekit-moe`` (its own venv, never a project requirement): base model = the seed,
      experts = the branches and the seed, ``gate_mode: random``, top-2, bf16;
-   * ``tools/merge_branches.py`` as 1 process and under ``torchrun`` with 2 (and ``--worlds``):
-     experts = the branches and the seed (``--seed-expert``), averages over the branches;
+   * ``tools/merge_branches.py`` as 1 process, under ``torchrun`` with 2 (``--worlds``) and as
+     1 process forking 2 workers (``--workers``): experts = the branches and the seed
+     (``--seed-expert``), averages over the branches;
    * ``tools/convert_hf.py import`` of one model (the per-model set-up cost of our path);
    * a plain user-space copy of our merged output (read + write + fsync of every file);
 3. prints, per tool, the median wall time (whole command, process start-up included), CPU
@@ -196,6 +197,9 @@ def _commands(work: Path, hf: list[Path], ckpt: list[Path], args, mergekit: Path
         else:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w)]
             cmds[f"merge W={w}"] = ([*torchrun, *merge, "--output", str(dest)], dest)
+    for n in args.workers:
+        dest = out / f"merge_workers{n}"
+        cmds[f"merge --workers {n}"] = ([sys.executable, *merge, "--workers", str(n), "--output", str(dest)], dest)
     cmds["import 1 model"] = ([sys.executable, str(ROOT / "tools" / "convert_hf.py"), "import", "--hf-dir",
                                str(hf[0]), "--output", str(out / "import"), "--overwrite", "--no-progress"],
                               out / "import")
@@ -218,7 +222,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="1: one process; N: torchrun with N")
+    ap.add_argument("--workers", type=int, nargs="*", default=[2], help="one process forking N workers (--workers N)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: <cache>/bench_merge_peer)")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--install-mergekit", action="store_true", help="create mergekit's venv if missing")
@@ -307,7 +312,7 @@ def _report(runs: dict, moved: dict, hf: list[Path], args, load_before, load_aft
         print(f"{name:<22} {wall:9.1f} {lo:6.1f}-{hi:<6.1f} {cpu:7.1f} {peak:18.0f} {mb:16.0f} {rate:8.0f} {ds} {dr}")
     mk = next((r for r in rows if r[0] == "mergekit-moe"), None)
     for r in rows:
-        if r[0].startswith("merge W="):
+        if r[0].startswith("merge "):
             notes = []
             if mk:
                 notes.append(f"{r[1] / mk[1]:.2f}x mergekit-moe's wall, peak RSS {r[4] / mk[4]:.2f}x")

@@ -9,6 +9,7 @@
     python tools/edit_experts.py list --load ckpt/btx [--json]
 
     torchrun --nproc-per-node 8 tools/edit_experts.py add ...   # work and memory split 8 ways
+    python tools/edit_experts.py add --workers 8 ...            # the same split over 8 forked processes
 
 ``add``: the new expert (last) is the dense branch's FFN; shared weights stay the BTX model's
 (or are blended with the branch's); the router row is the BTX model's mean hidden state on the
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--overwrite", action="store_true", help="replace --output (only once the new one is complete)")
         q.add_argument("--full-hash", action="store_true", help="provenance hashes over every byte")
         q.add_argument("--quiet", action="store_true", help="no progress lines")
+        q.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="fork N worker processes after the imports, each writing 1/N of the result (the split "
+                            "of an N-process torchrun launch without its start-up; not under torchrun/srun)")
 
     add = sub.add_parser("add", help="add a dense branch's FFN as a new expert")
     common(add)
@@ -86,7 +90,7 @@ def options_from_args(args):
 
     common = dict(load=args.load, output=args.output, topk=args.topk, overwrite=args.overwrite,
                   expert_model_parallel_size=args.expert_model_parallel_size, full_hash=args.full_hash,
-                  progress=not args.quiet)
+                  progress=not args.quiet, workers=args.workers)
     if args.command == "remove":
         return RemoveOptions(experts=list(args.expert), **common)
     if args.router_init == "random" and (args.centroid_data or args.centroid_contrast):
@@ -109,6 +113,7 @@ def main(argv=None) -> int:
     # Only centroid routers import Megatron-Core, which warns about missing GPU-only extensions.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|deprecated|DEPRECATED).*")
     from btx_megatron.merge import edit, edit_list
+    from btx_megatron.runtime.processes import WorkerFailed
 
     try:
         if args.command == "list":
@@ -120,6 +125,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"edit_experts: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # --workers: a worker was killed, or the workers were stopped by a signal
+        print(f"edit_experts: error: {exc}", file=sys.stderr)
+        return 1
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     if not args.quiet and rank == "0":
         print(f"edit_experts: wrote {out}", file=sys.stderr)

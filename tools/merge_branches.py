@@ -3,6 +3,7 @@
     python tools/merge_branches.py --branch math=ckpt/math --branch code=ckpt/code \
         --branch wiki=ckpt/wiki [--seed-expert ckpt/seed] --output ckpt/moe
 
+    python tools/merge_branches.py --workers 8 ...              # same, split over 8 forked processes
     torchrun --nproc-per-node 8 tools/merge_branches.py ...    # same, work and memory split 8 ways
     srun -N 2 --ntasks-per-node 8 python tools/merge_branches.py ...
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace --output (only once the new one is complete)")
     o.add_argument("--quiet", action="store_true", help="no progress lines")
     o.add_argument("--io-threads", type=int, default=2, help="threads per process reading sources ahead of the merge")
+    o.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="fork N worker processes after the imports, each merging 1/N of the output (the split of "
+                        "an N-process torchrun launch without its start-up; not under torchrun/srun)")
     return p
 
 
@@ -123,7 +127,7 @@ def options_from_args(args):
         progress=not args.quiet, dtype=args.dtype, centroids=centroids,
         centroid_data=_group(args.centroid_data) or None, centroid_samples=args.centroid_samples,
         centroid_seq_length=args.centroid_seq_length, tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model, io_threads=args.io_threads,
+        tokenizer_model=args.tokenizer_model, io_threads=args.io_threads, workers=args.workers,
     )
     if names is not None:
         want = [n for n, _ in opts.branches] + (["seed"] if opts.seed_expert else [])
@@ -140,6 +144,7 @@ def main(argv=None) -> int:
     # Only centroid routers import Megatron-Core, which warns about missing GPU-only extensions.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|deprecated|DEPRECATED).*")
     from btx_megatron.merge import run_merge
+    from btx_megatron.runtime.processes import WorkerFailed
 
     try:
         opts = options_from_args(args)
@@ -147,6 +152,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"merge_branches: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # --workers: a worker was killed, or the workers were stopped by a signal
+        print(f"merge_branches: error: {exc}", file=sys.stderr)
+        return 1
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     if not args.quiet and rank == "0":
         print(f"merge_branches: wrote {out}", file=sys.stderr)

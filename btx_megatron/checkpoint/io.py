@@ -28,7 +28,8 @@ def fault_point(name: str, iteration: int | None = None) -> None:
     ``BTX_FAULT_ACTION`` says what happens there: ``kill`` (default: SIGKILL this process),
     ``pause:SECONDS`` (print ``[fault-point] NAME`` to stderr and sleep, so that a test can
     kill or signal the process at exactly this moment), ``signal:SIGTERM`` (send this process
-    the signal, as if the scheduler had, and go on)."""
+    the signal, as if the scheduler had, and go on), ``raise`` (an OSError, as from a failing
+    disk)."""
     wanted = os.environ.get(FAULT_POINT_ENV)
     if not wanted or (wanted != name and (iteration is None or wanted != f"{name}@{iteration}")):
         return
@@ -38,6 +39,8 @@ def fault_point(name: str, iteration: int | None = None) -> None:
         time.sleep(float(action.split(":", 1)[1]))
     elif action.startswith("signal:"):
         os.kill(os.getpid(), getattr(signal, action.split(":", 1)[1]))
+    elif action == "raise":
+        raise OSError(f"injected fault at {wanted}")
     else:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -74,6 +74,12 @@ def remove_expert(opts: RemoveOptions) -> Path:
 
 
 def _run(opts: EditOptions, prepare) -> Path:
+    if opts.workers > 1:  # forked workers form the group (as in run_merge)
+        from ..runtime.distributed import run_forked_group
+        from .writer import WORKER_PRELOAD
+
+        one = dataclasses.replace(opts, workers=1)
+        return run_forked_group(lambda: _run(one, prepare), opts.workers, preload=WORKER_PRELOAD)
     group = contextlib.nullcontext()
     if _needs_group(opts):
         from ..runtime.distributed import tool_process_group

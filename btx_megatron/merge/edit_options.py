@@ -50,6 +50,13 @@ class EditOptions:
     overwrite: bool = False
     full_hash: bool = False
     progress: bool = True
+    workers: int = 1
+    """Processes forked by one plain process after its imports, each writing 1/N of the result
+    (as N torchrun processes would, without their start-up); 1: edit in this process."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}.")
 
 
 @dataclasses.dataclass

@@ -49,8 +49,13 @@ class MergeOptions:
     """Threads reading source slices ahead of the arithmetic (the output is written by one more)."""
     max_inflight_mib: int = 256
     """Bound on the source slices read ahead plus the output slices waiting to be written (per process)."""
+    workers: int = 1
+    """Processes forked by one plain process after its imports, each merging 1/N of the output
+    (as N torchrun processes would, without their start-up); 1: merge in this process."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}.")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}.")
         if self.max_inflight_mib < 1:

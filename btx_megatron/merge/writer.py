@@ -20,7 +20,10 @@ saves, so the result loads at any TP/PP/EP/expert-TP layout.
 
 No process group is started for one plain process (the merge needs none); under torchrun/srun,
 or when centroid routers run the branch models, :func:`~btx_megatron.runtime.distributed.tool_process_group`
-provides it. Megatron-Core is imported only for centroid routers.
+provides it. With ``MergeOptions.workers`` = N, one plain process forks N workers after its
+imports and they form the group (:func:`~btx_megatron.runtime.distributed.run_forked_group`): the
+same merge as N torchrun processes, without their start-up. Megatron-Core is imported only for
+centroid routers.
 
 The result is written into ``<output parent>/.staging-<name>-<nonce>/`` and renamed onto the
 output only when every process has finished; any failure removes the staging directory.
@@ -53,6 +56,9 @@ from .sources import Source, model_config
 from .units import Unit, assign_units, unit_cost
 
 MIB = float(1 << 20)
+# Imported once before ``workers`` are forked instead of in each: every worker reads the DCP
+# metadata of the sources (about a second of start-up, :func:`~btx_megatron.checkpoint.verify.dcp_metadata`).
+WORKER_PRELOAD = ("torch.distributed.checkpoint",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +81,17 @@ def _needs_group(opts: MergeOptions) -> bool:
 
 
 def run_merge(opts: MergeOptions) -> Path:
-    """Merge on every process of the (possibly just started) process group; returns the output."""
+    """Merge on every process of the (possibly just started) process group, or on
+    ``opts.workers`` processes forked from this one; returns the output."""
+    if opts.workers > 1:
+        from ..runtime.distributed import run_forked_group
+
+        one = dataclasses.replace(opts, workers=1)
+        return run_forked_group(lambda: _merge_on_group(one), opts.workers, preload=WORKER_PRELOAD)
+    return _merge_on_group(opts)
+
+
+def _merge_on_group(opts: MergeOptions) -> Path:
     group = contextlib.nullcontext()
     if _needs_group(opts):
         from ..runtime.distributed import tool_process_group
@@ -266,6 +282,7 @@ def _stream_units(mine: list[Unit], job: MergeJob, opts: MergeOptions, iter_dir:
                     ahead -= _drain_one(pending, job, opts, writer, pool, progress, stats)
             while pending:
                 ahead -= _drain_one(pending, job, opts, writer, pool, progress, stats)
+        fmt.fault_point(f"merge-data-rank{rank}")
         chunks = writer.close()
     except BaseException:
         writer.abort()

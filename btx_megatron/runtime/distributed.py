@@ -8,12 +8,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import os
 import random
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import warnings
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -167,6 +171,53 @@ def tool_process_group(backend: str | None = "gloo"):
     finally:
         if started:
             destroy()
+
+
+T = TypeVar("T")
+
+
+def run_forked_group(body: Callable[[], T], workers: int, *, preload: tuple[str, ...] = (),
+                     timeout_minutes: int = 10) -> T:
+    """``body()`` on ``workers`` processes forked from this one, joined in one gloo process group:
+    the group :func:`tool_process_group` gives a torchrun launch, without its start-up (torchrun
+    imports torch, the tool and PyTorch's DCP again in every process; a forked worker inherits
+    them). ``preload``: modules every worker will import, imported here once before the fork.
+    Returns rank 0's result; a failure on any process is raised here, and the workers never
+    outlive this process (:func:`.processes.fork_workers`). For one plain process: ValueError
+    under torchrun/srun or inside an existing process group. ``workers == 1`` runs ``body`` here."""
+    from .processes import fork_workers
+
+    launch = read_launch_env()
+    if launch.world_size > 1:
+        size = "WORLD_SIZE" if launch.launcher == "torchrun" else "SLURM_NTASKS"
+        raise ValueError(f"--workers {workers} forks worker processes on this machine and cannot be combined with "
+                         f"{launch.launcher} ({size}={launch.world_size}): launch one process with --workers N, "
+                         "or N processes with --workers 1.")
+    if torch.distributed.is_initialized():
+        raise ValueError(f"--workers {workers} forks worker processes with a process group of their own; this "
+                         "process already belongs to one.")
+    if workers == 1:
+        return body()
+    for name in preload:
+        importlib.import_module(name)
+    store_dir = tempfile.mkdtemp(prefix="btx-group-")
+
+    def member(rank: int) -> T:
+        # What torchrun would set, so that the launch environment reads the same in a worker.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank))
+        # A file rendezvous: no port to find, and nothing to clean up but the directory.
+        store = torch.distributed.FileStore(os.path.join(store_dir, "store"), workers)
+        torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=workers,
+                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+        try:
+            return body()
+        finally:
+            destroy()
+
+    try:
+        return fork_workers(member, workers)[0]
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def set_seed(seed: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -78,6 +80,25 @@ def write_token_dataset(prefix: str | Path, seed: int, num_docs: int = 8, doc_le
         builder.add_document(doc, [doc_len])
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+def as_fresh_tool_process(monkeypatch) -> None:
+    """Make the test process look like a tool that just started, before it forks ``--workers``
+    (btx_megatron.runtime.processes.fork_workers refuses to fork a process with threads or inside a
+    process group): no launch variables, no process group (the branch builds leave one), no tqdm
+    monitor thread (Hugging Face's progress bars in earlier tests start one)."""
+    from btx_megatron.runtime.distributed import destroy
+
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    destroy()
+    monitor = sys.modules.get("tqdm._monitor")
+    for thread in threading.enumerate():
+        if monitor is not None and isinstance(thread, monitor.TMonitor):
+            thread.exit()  # a later progress bar starts a new one
 
 
 # ---------------------------------------------------------------------------------------------

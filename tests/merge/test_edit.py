@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.merge.merge_fixtures import (DENSE_FC1, DENSE_FC2, FC1, FC2, L, ROUTER, TINY, build, iter_dir as _iter, load,
-                            logits_of, make_branch, moe_argv, parse, read_dcp, reference_average, tokens as tokens_of,
-                            write_token_dataset)
+from tests.merge.merge_fixtures import (DENSE_FC1, DENSE_FC2, FC1, FC2, L, ROUTER, TINY, as_fresh_tool_process, build,
+                            iter_dir as _iter, load, logits_of, make_branch, moe_argv, parse, read_dcp,
+                            reference_average, tokens as tokens_of, write_token_dataset)
 
 NEW = "headers"
 NORM = "decoder.layers.pre_mlp_layernorm.weight"
@@ -283,6 +283,19 @@ def test_distributed_add_trains_at_ep2_and_removes_back_to_the_original(work, gr
     text = format_description(describe(str(tmp_path / "back")))
     assert f"  - {NEW} with their router rows, from {_iter(tmp_path / 'w2')}" in text
     assert "  1. add headers from" in text and "  2. remove headers; base " in text
+
+
+def test_forked_workers_write_the_one_process_edit(work, grown, tmp_path, monkeypatch):
+    """``--workers 2`` (two processes forked by the tool, btx_megatron.runtime.distributed.run_forked_group):
+    the add and the remove write exactly the one-process tensors, as two files."""
+    as_fresh_tool_process(monkeypatch)
+    out = tmp_path / "w2"
+    assert cli().main(["add", "--load", str(work["merged"]), "--branch", f"{NEW}={grown['branch']}",
+                       "--output", str(out), "--workers", "2", "--quiet"]) == 0
+    for got, want in [(out, grown["added"]), (remove(out, tmp_path / "back", [NEW], workers=2), work["merged"])]:
+        a, b = read_dcp(_iter(want)), read_dcp(_iter(got))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), got
+        assert sorted(p.name for p in _iter(got).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def test_edited_model_exports_to_mixtral_with_matching_logits(grown, tmp_path):
