@@ -9,7 +9,6 @@ directory and publishes it only when every process has finished.
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,11 +18,11 @@ from .. import __version__
 from .. import checkpoint as fmt
 from ..checkpoint.dcp_reader import CheckpointReader
 from ..checkpoint.dcp_writer import COMMON_STATE_KEY, DistcpWriter, common_state_bytes, write_metadata
-from ..runtime.distributed import all_gather_objects, broadcast_object
 from ..runtime.progress import Progress
 from . import plan as core
 from .edit_options import EXPERT_KINDS, TOOL, AddOptions, EditJob, EditOptions, Piece
 from .router_init import centroid_router, random_router
+from .staged import write_staged
 from .units import assign_units
 
 
@@ -31,61 +30,25 @@ from .units import assign_units
 def write_edit(job: EditJob, opts: EditOptions, centroids, rank: int, world: int) -> Path:
     """Write ``job`` into a staging directory next to ``opts.output`` and publish it (every process)."""
     output = Path(opts.output)
-    made = None
-    if rank == 0:
-        try:
-            made = ("ok", str(fmt.staging_dir_for(output)))
-        except OSError as exc:
-            made = ("error", f"cannot create a staging directory next to --output {output}: {exc}")
-    made = broadcast_object(made, world)
-    if made[0] == "error":
-        raise ValueError(made[1])
-    staging = Path(made[1])
-    iter_dir = fmt.iteration_dir(staging, 0)
     costs = [p.nbytes * (2 if p.op == "blend" else 1) for p in job.pieces]
     owner = assign_units(job.pieces, world, costs)
     mine = [p for p, r in zip(job.pieces, owner) if r == rank]
-    published = False
-    try:
-        if rank == 0:
-            iter_dir.mkdir()
-        broadcast_object(None, world)
-        chunks, error = [], None
-        try:
-            chunks = _write_pieces(mine, job, opts, centroids, iter_dir, rank)
-        except (OSError, ValueError) as exc:
-            error = ("user", f"rank {rank}: {exc}" if world > 1 else str(exc))
-        except Exception as exc:  # a bug: every process must still reach the exchange below
-            if world == 1:
-                raise
-            error = ("bug", f"rank {rank}: {type(exc).__name__}: {exc}")
-        outcomes = all_gather_objects((chunks, error), world)
-        errors = [e for _, e in outcomes if e]
-        status = ("ok", "")
-        if errors:
-            status = ("bug" if any(k == "bug" for k, _ in errors) else "user", "; ".join(m for _, m in errors))
-        elif rank == 0:
-            try:
-                write_metadata(iter_dir, [c for cs, _ in outcomes for c in cs])
-                job.btx["edits"][-1]["world_size"] = world
-                fmt.Manifest(model=job.model, tool=f"btx_megatron {__version__} {TOOL}", precision=job.precision,
-                             extra={"btx": job.btx, "stage": "edit"}).write(iter_dir)
-                fmt.mark_output(staging, TOOL, op=job.op)
-                fmt.write_text_atomic(staging / fmt.TRACKER, "0\n")
-                fmt.publish_directory(staging, output, opts.overwrite)
-                published = True
-            except (OSError, ValueError) as exc:
-                status = ("user", f"could not publish {output}: {exc}")
-        kind, message = broadcast_object(status, world)
-        if kind != "ok":
-            raise (RuntimeError if kind == "bug" else ValueError)(message)
-        if opts.progress and rank == 0:
-            print(f"[edit] {job.op}: {len(job.expert_names)} experts ({', '.join(job.expert_names)}) -> {output}",
-                  file=sys.stderr, flush=True)
-        return output
-    finally:
-        if rank == 0 and not published:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    def finish(staging: Path, iter_dir: Path, parts: list) -> None:
+        write_metadata(iter_dir, [c for chunks in parts for c in chunks])
+        job.btx["edits"][-1]["world_size"] = world
+        fmt.Manifest(model=job.model, tool=f"btx_megatron {__version__} {TOOL}", precision=job.precision,
+                     extra={"btx": job.btx, "stage": "edit"}).write(iter_dir)
+        fmt.mark_output(staging, TOOL, op=job.op)
+        fmt.write_text_atomic(staging / fmt.TRACKER, "0\n")
+        fmt.publish_directory(staging, output, opts.overwrite)
+
+    write_staged(output, rank, world, lambda iter_dir: _write_pieces(mine, job, opts, centroids, iter_dir, rank),
+                 finish)
+    if opts.progress and rank == 0:
+        print(f"[edit] {job.op}: {len(job.expert_names)} experts ({', '.join(job.expert_names)}) -> {output}",
+              file=sys.stderr, flush=True)
+    return output
 
 
 def _write_pieces(mine: list[Piece], job: EditJob, opts: EditOptions, centroids, iter_dir: Path, rank: int):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,12 +46,13 @@ from .. import checkpoint as fmt
 from ..checkpoint.dcp_reader import CheckpointReader
 from ..checkpoint.dcp_writer import COMMON_STATE_KEY, DistcpWriter, WrittenChunk, common_state_bytes, write_metadata
 from ..checkpoint.storage_io import BufferPool
-from ..runtime.distributed import all_gather_objects, broadcast_object, rank_world
+from ..runtime.distributed import broadcast_object, rank_world
 from ..runtime.progress import Progress
 from . import plan as core
 from .options import TOOL, MergeJob, MergeOptions, prepare
 from .router_init import compute_centroids, router_weight
 from .sources import Source, model_config
+from .staged import write_staged
 from .units import Unit, assign_units, unit_cost
 
 MIB = float(1 << 20)
@@ -118,53 +118,15 @@ def _merge_on_group(opts: MergeOptions) -> Path:
 def _write_output(job: MergeJob, opts: MergeOptions, rank: int, world: int) -> Path:
     """Every process writes its slices into one staging directory that rank 0 completes and
     publishes; a failure on any process removes it and is raised on every process."""
-    output = Path(opts.output)
-    made = None
-    if rank == 0:
-        try:
-            made = ("ok", str(fmt.staging_dir_for(output)))
-        except OSError as exc:
-            made = ("error", f"cannot create a staging directory next to --output {output}: {exc}")
-    made = broadcast_object(made, world)
-    if made[0] == "error":
-        raise ValueError(made[1])
-    staging = Path(made[1])
-    iter_dir = fmt.iteration_dir(staging, 0)
     owner = assign_units(job.units, world, [unit_cost(u, job.weights) for u in job.units])
     mine = [u for u, r in zip(job.units, owner) if r == rank]
-    published = False
-    try:
-        if rank == 0:
-            iter_dir.mkdir()
-        broadcast_object(None, world)  # the directory exists before anyone writes into it
-        chunks, stats, error = [], {}, None
-        try:
-            chunks, stats = _stream_units(mine, job, opts, iter_dir, rank, world)
-        except (OSError, ValueError) as exc:
-            error = ("user", f"rank {rank}: {exc}" if world > 1 else str(exc))
-        except Exception as exc:  # a bug: every process must still reach the exchange below
-            if world == 1:
-                raise
-            error = ("bug", f"rank {rank}: {type(exc).__name__}: {exc}")
-        outcomes = all_gather_objects((chunks, stats, error), world)
-        errors = [e for _, _, e in outcomes if e]
-        status = ("ok", "")
-        if errors:
-            status = ("bug" if any(kind == "bug" for kind, _ in errors) else "user", "; ".join(m for _, m in errors))
-        elif rank == 0:
-            try:
-                _finish(staging, iter_dir, [c for chunks_, _, _ in outcomes for c in chunks_], job, opts, world,
-                        [s for _, s, _ in outcomes])
-                published = True
-            except (OSError, ValueError) as exc:
-                status = ("user", f"could not publish {output}: {exc}")
-        kind, message = broadcast_object(status, world)
-        if kind != "ok":
-            raise (RuntimeError if kind == "bug" else ValueError)(message)
-        return output
-    finally:
-        if rank == 0 and not published:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    def finish(staging: Path, iter_dir: Path, parts: list) -> None:
+        _finish(staging, iter_dir, [c for chunks, _ in parts for c in chunks], job, opts, world,
+                [stats for _, stats in parts])
+
+    return write_staged(Path(opts.output), rank, world,
+                        lambda iter_dir: _stream_units(mine, job, opts, iter_dir, rank, world), finish)
 
 
 def _finish(staging: Path, iter_dir: Path, chunks: list[WrittenChunk], job: MergeJob, opts: MergeOptions,
