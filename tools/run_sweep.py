@@ -3,6 +3,7 @@ sharing every stage they agree on, and write one table (mean ± std over seeds) 
 
     python tools/run_sweep.py examples/tiny/sweep.yaml
     python tools/run_sweep.py examples/tiny/sweep.yaml --output runs/my-sweep --data-dir data/btx_corpora
+    python tools/run_sweep.py examples/tiny/sweep.yaml --only shipped centroid   # a subset of the rows
 
 Re-running continues: finished runs are reused. See btx_megatron/experiment/sweep.py for the
 sweep file.
@@ -22,12 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="sweep directory (default: the sweep file's output)")
     p.add_argument("--data-dir", help="corpora directory (sets BTX_DATA_DIR for the experiment file)")
     p.add_argument("--max-concurrent", type=int, default=None, help="training runs at a time")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these configurations (the table covers them)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from btx_megatron.experiment.sweep import load_sweep, run_sweep
 
     try:
-        summary = run_sweep(load_sweep(args.sweep, args.output), data_dir=args.data_dir,
+        summary = run_sweep(load_sweep(args.sweep, args.output, args.only), data_dir=args.data_dir,
                             max_concurrent=args.max_concurrent)
     except ValueError as exc:
         print(f"run_sweep: error: {exc}", file=sys.stderr)

@@ -389,8 +389,9 @@ class Grow:
                                    domains=[*old, d], identical=identical),
                        removal_row(labels["mix_minus"], "mix_minus", ppl, d, ref="btx", before="mix", domains=[*old, d])]
         if r:
+            # (a) was built on the old domains only: the new one is no remaining domain of it.
             remove_rows.append(removal_row(labels["btx_minus"], "btx_minus", ppl, r, ref="without", before="btx",
-                                           domains=[*old, d]))
+                                           domains=old))
         return {"domain": d, "old_domains": old, "remove_domain": r, "steps": self.steps,
                 "router_init": self.opts.router_init + (" (contrast)" if self.opts.contrast else ""),
                 "labels": labels, "short": short, "ppl": ppl, "grow": grow_rows, "remove": remove_rows,

@@ -30,11 +30,17 @@ def relative(value: float, reference: float) -> float:
 def removal_row(label: str, key: str, ppl: dict[str, dict[str, float]], removed: str, *, ref: str, before: str,
                 domains: list[str], identical: bool | None = None) -> dict[str, Any]:
     """A removal: the removed domain's gap to ``ref`` (the model without that domain) and the
-    change of every remaining domain against ``before`` (the model it was removed from)."""
+    change of every remaining domain against ``before`` (the model it was removed from).
+
+    ``domains``: the domains ``before`` was built on (one expert each). Only those are its
+    remaining domains; a domain it never had (the new one, for a removal from ``(a)``) is
+    evaluated too, but its change is kept apart in ``other_change``: it is no domain of the model."""
     remaining = [x for x in domains if x != removed]
+    others = [x for x in ppl[key] if x not in domains]
     row = {"key": key, "label": label, "removed": removed, "reference": ref, "before": before,
            "ppl": ppl[key], "removed_gap": relative(ppl[key][removed], ppl[ref][removed]),
-           "remaining_change": {x: relative(ppl[key][x], ppl[before][x]) for x in remaining}}
+           "remaining_change": {x: relative(ppl[key][x], ppl[before][x]) for x in remaining},
+           "other_change": {x: relative(ppl[key][x], ppl[before][x]) for x in others}}
     if identical is not None:
         row["bit_identical_to_reference"] = identical
     return row
@@ -82,15 +88,17 @@ def format_grow_markdown(s: dict[str, Any]) -> str:
         ref, before = (short.get(row[k], labels[row[k]]) for k in ("reference", "before"))
         lines.append(f"| {row['label']} | " + " | ".join(f"{row['ppl'][x]:.2f}" for x in doms)
                      + f" | {row['removed']}: {_pct(row['removed_gap'])} vs {ref}{same}"
-                     + f" | max {_pct(worst)} ({name}) vs {before}{flag} |")
+                     + f" | max {_pct(worst)} ({name}) vs {before}{flag}"
+                     + "".join(f"; {x}, not a domain of it: {_pct(c)}" for x, c in row.get("other_change", {}).items())
+                     + " |")
     if s["remove_domain"]:
         without = s["ppl"]["without"]
         lines.append(f"| {labels['without']} | " + " | ".join(f"{without[x]:.2f}" for x in doms) + " | reference | - |")
     lines += ["", "Removed domain vs reference: its perplexity after the removal relative to the model that never "
               "had that expert (for the new domain: (a); for an original domain: BTX merged from the other "
               "branches and mixed as long as (a), without that domain's data). Remaining domains: the largest "
-              f"relative change against the model the expert was removed from (target: within "
-              f"{100 * tol['remaining_after_remove']:.0f}%).", "", "![grow](grow.png)", "", "![remove](remove.png)"]
+              "relative change over the domains the model the expert was removed from was built on (target: "
+              f"within {100 * tol['remaining_after_remove']:.0f}%); a domain it never had is shown apart.", "", "![grow](grow.png)", "", "![remove](remove.png)"]
     return "\n".join(lines) + "\n"
 
 

@@ -74,8 +74,10 @@ def _label(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def load_sweep(path: str | Path, output: str | None = None) -> Sweep:
-    """Read and check a sweep file (see the module docstring)."""
+def load_sweep(path: str | Path, output: str | None = None, only: list[str] | None = None) -> Sweep:
+    """Read and check a sweep file (see the module docstring). ``only``: run just these
+    configurations (their runs and the shared ones are the same as in the whole sweep, so a
+    later run of the whole sweep reuses them)."""
     raw = read_experiment_document(path)
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
@@ -101,6 +103,13 @@ def load_sweep(path: str | Path, output: str | None = None) -> Sweep:
             full = "+".join(x for x in (str(name), label) if x) or "base"
             configurations[full] = {**base, **overrides, **combo}
             factors[full] = dict(combo)
+    if only:
+        missing = [name for name in only if name not in configurations]
+        if missing:
+            raise ExperimentError(f"{path}: no configuration named {', '.join(map(repr, missing))}; "
+                                  f"the sweep has {', '.join(configurations)}.")
+        configurations = {name: configurations[name] for name in configurations if name in only}
+        factors = {name: factors[name] for name in configurations}
     out = Path(output or raw.get("output") or Path("runs") / Path(path).stem)
     return Sweep(str(raw["experiment"]), out.resolve(), seeds, list(raw.get("seed_keys") or DEFAULT_SEED_KEYS),
                  configurations, factors)

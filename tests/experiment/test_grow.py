@@ -166,7 +166,7 @@ def test_report_tables_on_given_numbers(tmp_path):
            "rebuild": {**base, "math": 2.1, "headers": 8.5},
            "branch": {"code": 30.0, "math": 9.0, "wiki": 50.0, "headers": 7.0},
            "expert_minus": base, "mix_minus": {**base, "code": 10.0, "headers": 35.0},
-           "btx_minus": {**base, "math": 2.03, "wiki": 24.0}, "without": {**base, "wiki": 23.0}}
+           "btx_minus": {**base, "math": 2.03, "wiki": 24.0, "headers": 44.0}, "without": {**base, "wiki": 23.0}}
     labels = {k: f"label {k}" for k in ppl}
     short = {k: f"<{k}>" for k in ppl}
     added = {"btx": 0.0, "added": 1e12, "mix": 2e12, "expert": 1.8e12, "rebuild": 2e12, "branch": 1e12}
@@ -176,9 +176,12 @@ def test_report_tables_on_given_numbers(tmp_path):
     remove_rows = [removal_row("label expert_minus", "expert_minus", ppl, "headers", ref="btx", before="expert",
                                domains=doms, identical=True),
                    removal_row("label mix_minus", "mix_minus", ppl, "headers", ref="btx", before="mix", domains=doms),
-                   removal_row("label btx_minus", "btx_minus", ppl, "wiki", ref="without", before="btx", domains=doms)]
+                   removal_row("label btx_minus", "btx_minus", ppl, "wiki", ref="without", before="btx", domains=old)]
     assert remove_rows[2]["removed_gap"] == pytest.approx(24 / 23 - 1)
-    assert remove_rows[2]["remaining_change"] == pytest.approx({"code": 0.0, "math": 0.015, "headers": 0.0})
+    # (a) never had the new domain: headers' +10% is shown apart, not as a remaining domain's change.
+    assert remove_rows[2]["remaining_change"] == pytest.approx({"code": 0.0, "math": 0.015})
+    assert remove_rows[2]["other_change"] == pytest.approx({"headers": 0.1})
+    assert remove_rows[0]["other_change"] == {}
     s = {"domain": "headers", "old_domains": old, "remove_domain": "wiki", "steps": 50, "router_init": "centroid",
          "labels": labels, "short": short, "ppl": ppl, "grow": grow_rows, "remove": remove_rows,
          "flops": {}, "tolerances": {"old_domains_after_add": 0.02, "remaining_after_remove": 0.01}}
@@ -189,7 +192,7 @@ def test_report_tables_on_given_numbers(tmp_path):
     assert "headers: +0.00% vs <btx> (bit-identical to it)" in lines["label expert_minus"]
     assert "headers: -12.50% vs <btx> | max -0.99% (code) vs <mix> |" in lines["label mix_minus"]
     assert "wiki: +4.35% vs <without>" in lines["label btx_minus"]
-    assert "max +1.50% (math) vs <btx> (over 1%)" in lines["label btx_minus"]
+    assert "max +1.50% (math) vs <btx> (over 1%); headers, not a domain of it: +10.00% |" in lines["label btx_minus"]
     assert "| label without | 10.00 | 2.00 | 23.00 | 40.00 | reference | - |" in text
     write_grow_report(tmp_path / "report", s)
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"grow.md", "grow.json", "grow.png", "remove.png"}

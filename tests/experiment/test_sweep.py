@@ -43,6 +43,15 @@ def test_configurations_times_grid_times_seeds(tmp_path):
     assert overrides["branch_defaults.train.seed"] == 2 and overrides["merge.router_seed"] == 2
     assert overrides["output_dir"].endswith("out/paper+train_iters=100-s2")
     assert overrides["shared_runs_dir"].endswith("out/runs")
+    # --only: the same runs (directories, overrides) as in the whole sweep, for those rows only.
+    doc = dict(seeds=[1, 2], base={"evaluation.eval_iters": 2},
+               configurations={"paper": {}, "centroid": {"merge.router_init": "centroid"}},
+               grid={"mix.train_iters": [100, 300]})
+    subset = load_sweep(_sweep_file(tmp_path, **doc), only=["centroid+train_iters=300"])
+    assert subset.runs() == [r for r in runs if r[0] == "centroid+train_iters=300"]
+    assert subset.factors == {"centroid+train_iters=300": {"mix.train_iters": 300}}
+    with pytest.raises(ExperimentError, match="no configuration named 'centroid'; the sweep has paper"):
+        load_sweep(_sweep_file(tmp_path, **doc), only=["centroid"])
     with pytest.raises(ExperimentError, match="unknown sweep key"):
         load_sweep(_sweep_file(tmp_path, grids={}))
     with pytest.raises(ExperimentError, match="seeds must be a list of integers"):
