@@ -78,4 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from btx_megatron.runtime.processes import exit_now
+
+    exit_now(main())

@@ -135,4 +135,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from btx_megatron.runtime.processes import exit_now
+
+    exit_now(main())

@@ -149,14 +149,14 @@ class CheckpointReader:
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike, metadata, label: str) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from .dcp_metadata import is_tensor
 
         self.dir, self.label = Path(ckpt_dir), label
         self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], object]]] = {}
         for index, info in metadata.storage_data.items():
             md = metadata.state_dict_metadata.get(index.fqn)
-            if isinstance(md, TensorStorageMetadata):
+            if is_tensor(md):
                 sizes = next(c.sizes for c in md.chunks if tuple(c.offsets) == tuple(index.offset))
                 self._chunks.setdefault(index.fqn, []).append((tuple(index.offset), tuple(sizes), info))
                 self.tensors[index.fqn] = (tuple(md.size), md.properties.dtype)

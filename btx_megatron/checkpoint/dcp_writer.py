@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import queue
 import threading
 import uuid
@@ -225,11 +224,12 @@ def common_state_bytes(common: dict) -> bytes:
 
 def write_metadata(ckpt_dir: str | os.PathLike, chunks: list[WrittenChunk]) -> None:
     """``.metadata`` (PyTorch DCP) for every chunk of every rank, then Megatron's ``metadata.json``."""
-    from torch.distributed.checkpoint.metadata import (
+    from . import dcp_metadata as dcpmd
+    from .dcp_metadata import (
         BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
         TensorStorageMetadata,
     )
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from .dcp_metadata import StorageInfo as _StorageInfo
 
     state: dict = {}
     storage: dict = {}
@@ -251,7 +251,7 @@ def write_metadata(ckpt_dir: str | os.PathLike, chunks: list[WrittenChunk]) -> N
                         storage_meta=StorageMeta(checkpoint_id=str(ckpt_dir), save_id=str(uuid.uuid4())))
     ckpt_dir = Path(ckpt_dir)
     with open(ckpt_dir / DISTCP_METADATA, "wb") as f:
-        pickle.dump(metadata, f)
+        dcpmd.dump(metadata, f)  # loads as DCP's own classes (see checkpoint.dcp_metadata)
         f.flush()
         os.fsync(f.fileno())
     with open(ckpt_dir / MEGATRON_CONFIG, "w") as f:

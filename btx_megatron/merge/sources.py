@@ -34,7 +34,7 @@ class Source:
 
 def inspect_source(name: str, path: str, flag: str, full_hash: bool = False, allow_moe: bool = False) -> Source:
     """Resolve, verify and describe one source; ValueError naming ``flag`` when it is unusable."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from ..checkpoint.dcp_metadata import is_tensor
 
     src = Source(name=name, path=str(path), flag=flag)
     try:
@@ -53,7 +53,7 @@ def inspect_source(name: str, path: str, flag: str, full_hash: bool = False, all
         )
     metadata = verify_files(ckpt_dir, src.label)
     for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata) and key.startswith(MODEL_PREFIXES):
+        if is_tensor(md) and key.startswith(MODEL_PREFIXES):
             src.tensors[key] = (tuple(md.size), str(md.properties.dtype).replace("torch.", ""))
             src.nbytes += math.prod(md.size) * md.properties.dtype.itemsize
     if not any(k.startswith(LAYER_PREFIX) for k in src.tensors):

@@ -57,8 +57,8 @@ from .units import Unit, assign_units, unit_cost
 
 MIB = float(1 << 20)
 # Imported once before ``workers`` are forked instead of in each: every worker reads the DCP
-# metadata of the sources (about a second of start-up, :func:`~btx_megatron.checkpoint.verify.dcp_metadata`).
-WORKER_PRELOAD = ("torch.distributed.checkpoint",)
+# metadata of the sources (:func:`~btx_megatron.checkpoint.verify.dcp_metadata`).
+WORKER_PRELOAD = ("btx_megatron.checkpoint.dcp_metadata",)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,26 @@ def exit_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> No
         os.kill(os.getpid(), sig)
 
 
+def exit_now(code: int) -> None:
+    """End an offline tool's process with ``code`` once its work is complete and durable.
+
+    Runs the ``atexit`` handlers and flushes stdout/stderr, then skips the interpreter's teardown
+    (destroying every module and object): after ``import torch`` that teardown alone costs about
+    1.2 s of CPU, a tenth of a merge of 220M-parameter models. For a tool's ``__main__`` only: its
+    files are written, flushed and published, and it runs no thread it must join."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+
+
 def _child_setup() -> None:  # runs in the child between fork and exec
     exit_with_parent(signal.SIGTERM)
 

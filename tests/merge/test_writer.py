@@ -116,19 +116,26 @@ def test_output_dtype_and_sources_no_reader_can_address(work, tmp_path):
 
 def test_plain_process_needs_no_process_group_and_no_megatron(work, tmp_path):
     """``python tools/merge_branches.py`` as one plain process: no sys.path tricks (the package is
-    installed), no process group, Megatron-Core never imported, same tensors as the in-process merge."""
+    installed), no process group, neither Megatron-Core nor PyTorch DCP imported (start-up), the
+    process ends right after its work (exit code 0), same tensors as the in-process merge."""
     tool = Path(__file__).resolve().parents[2] / "tools" / "merge_branches.py"
     argv = [a for n, p in work["branches"] for a in ("--branch", f"{n}={p}")] + ["--output", str(tmp_path / "cli")]
-    code = ("import runpy, sys\n"
+    # The tool ends with exit_now (atexit handlers, then no interpreter teardown): the check runs
+    # as an atexit handler, after the tool's own work, and the exit code is the process's.
+    code = ("import atexit, runpy, sys\n"
+            "def report():\n"
+            "    import torch\n"
+            "    print('RESULT', any(m.startswith('megatron') for m in sys.modules), torch.distributed.is_initialized(),\n"
+            "          'torch.distributed.checkpoint' in sys.modules, flush=True)\n"
+            "atexit.register(report)\n"
             f"sys.argv = {[str(tool)] + argv!r}\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit as e:\n    rc = e.code\n"
-            "import torch\n"
-            "print('RESULT', rc, any(m.startswith('megatron') for m in sys.modules), torch.distributed.is_initialized())")
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "print('NOT REACHED', flush=True)")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT", "PYTHONPATH")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert done.stdout.strip().splitlines()[-1] == "RESULT 0 False False", done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "RESULT False False False", \
+        done.stdout[-500:] + done.stderr[-2000:]
     assert "[merge] read" in done.stderr and "MiB/s" in done.stderr
     a, b = read_dcp(_iter(work["merged"])), read_dcp(_iter(tmp_path / "cli"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
