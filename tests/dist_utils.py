@@ -23,19 +23,25 @@ import torch.multiprocessing as mp
 from btx_megatron.runtime.distributed import free_port
 
 
-_PRELOAD = [
+# What the fork server imports once. There is one server per test process (multiprocessing's
+# forkserver is process-wide and reads its preload list when it starts), shared with the fault
+# tests' runs (tests/training/faultlib.py), so the list covers both.
+PRELOAD = [
     "torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
     "megatron.core.pipeline_parallel", "megatron.core.transformer.moe.moe_layer",
     "megatron.core.dist_checkpointing", "btx_megatron.runtime.cpu_compat",
+    "btx_megatron.training.trainer", "btx_megatron.pretrain", "btx_megatron.pretrain_mix",
+    "torch.distributed.checkpoint",
 ]
 _context = None
 
 
-def _mp_context():
+def forkserver_context():
+    """The multiprocessing context whose processes fork from the preloaded server."""
     global _context
     if _context is None:
         _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
+        _context.set_forkserver_preload(PRELOAD)
     return _context
 
 
@@ -69,7 +75,7 @@ def _worker(rank, world_size, port, fn, args, kwargs, out_dir, environ):
 
 def run_distributed(fn, world_size: int, *args, **kwargs) -> list:
     """``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; returns each rank's result."""
-    _mp_context()
+    forkserver_context()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,

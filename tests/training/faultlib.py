@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import multiprocessing as mp
 import os
 import re
 import runpy
@@ -32,20 +31,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+from tests.dist_utils import forkserver_context
 from tests.distributed.workers import TINY_DENSE, TINY_MOE  # noqa: F401 (re-exported for the fault tests)
 
 TRACKER = "latest_checkpointed_iteration.txt"
-PRELOAD = ["torch", "btx_megatron.training.trainer", "btx_megatron.pretrain", "btx_megatron.pretrain_mix",
-           "megatron.core.dist_checkpointing", "torch.distributed.checkpoint"]
-_CONTEXT = None
-
-
-def _context():
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(PRELOAD)
-    return _CONTEXT
 
 
 def _child(entry: str, argv: list[str], env: dict[str, str | None], log: str) -> None:
@@ -161,7 +150,7 @@ class Run:
 
 def start(argv: list[str], log: Path, *, world: int = 1, env: dict[str, str | None] | None = None,
           entry: str = "btx_megatron.pretrain") -> Run:
-    ctx = _context()
+    ctx = forkserver_context()
     log.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []

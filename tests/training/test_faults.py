@@ -63,6 +63,9 @@ def test_restart_restores_a_side_copy_and_never_resaves_the_same_iteration(dense
 
 
 # ------------------------------------------------------------------ 1, 7. signals at a save iteration
+# Slow tier: the default tier's SLURM branch flow (tests/slurm) already runs signal -> save -> exit 0 ->
+# resume bit-exact through the job script; this one adds the signal landing on a save-interval iteration.
+@pytest.mark.slow
 def test_signal_at_a_save_interval_iteration_saves_once_and_resumes_bit_exact(dense_reference, tmp_path, runs):
     ref, _ = dense_reference
     root = tmp_path / "run"
