@@ -23,7 +23,7 @@ run: $(STAMP)
 
 # The test suite: CPU, gloo, several processes per parallel layout (without the slow tier).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The slow tier: longer end-to-end checks and the random fault-injection campaign.
 test-slow: $(STAMP)

@@ -5,7 +5,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # `make test` runs two pytest workers, each taking whole files (`-n 2 --dist loadfile`: a file's
-# module fixtures are built once). The longest files start first, so that neither worker is left
+# module fixtures are built once) in collection order (`--no-loadscope-reorder`; xdist would
+# otherwise sort files by their number of tests). The longest files start first, so that neither worker is left
 # with a long one at the end while the other has nothing to do. Measured wall seconds of the
 # default tier, longest first; every other file follows in its usual order.
 LONGEST_FIRST = (
