@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+METADATA_FILE = ".metadata"  # the file in a checkpoint directory
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
 
@@ -208,5 +209,5 @@ def is_tensor(md: Any) -> bool:
     return type(md).__name__ == "TensorStorageMetadata"
 
 
-__all__ = ["BytesStorageMetadata", "ChunkStorageMetadata", "MemFormat", "Metadata", "MetadataIndex", "Opaque", "StorageInfo",
+__all__ = ["METADATA_FILE", "BytesStorageMetadata", "ChunkStorageMetadata", "MemFormat", "Metadata", "MetadataIndex", "Opaque", "StorageInfo",
            "StorageMeta", "TensorProperties", "TensorStorageMetadata", "dump", "dumps", "is_tensor", "load", "loads"]

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .storage_io import copy_ranges, pwrite_all, shape_numel, tensor_bytes
+from .dcp_metadata import METADATA_FILE
 
-DISTCP_METADATA = ".metadata"
+DISTCP_METADATA = METADATA_FILE
 MEGATRON_CONFIG = "metadata.json"
 MEGATRON_CONFIG_TEXT = '{"sharded_backend": "torch_dist", "sharded_backend_version": 1}'
 COMMON_STATE_KEY = "common_state/shard_0_1"

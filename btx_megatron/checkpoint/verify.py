@@ -23,7 +23,7 @@ def dcp_metadata(ckpt_dir: str | Path):
     (without importing torch.distributed.checkpoint: over a second of every tool's start-up)."""
     from . import dcp_metadata as dcpmd
 
-    with open(Path(ckpt_dir) / ".metadata", "rb") as f:
+    with open(Path(ckpt_dir) / dcpmd.METADATA_FILE, "rb") as f:
         return dcpmd.load(f)
 
 

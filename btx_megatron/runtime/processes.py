@@ -49,7 +49,7 @@ def exit_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> No
         os.kill(os.getpid(), sig)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int | None) -> None:
     """End an offline tool's process with ``code`` once its work is complete and durable.
 
     Runs the ``atexit`` handlers and flushes stdout/stderr, then skips the interpreter's teardown
@@ -66,7 +66,8 @@ def exit_now(code: int) -> None:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(code if isinstance(code, int) else 1)
+        # As sys.exit: None is success, an int is the status, anything else a failure.
+        os._exit(0 if code is None else code if isinstance(code, int) else 1)
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
