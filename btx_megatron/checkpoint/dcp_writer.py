@@ -5,7 +5,10 @@ Each process appends its chunks to its own ``__<rank>_0.distcp`` on a background
 record framing comes from ``torch.save`` under ``torch.serialization.skip_data`` (so it is
 PyTorch's own format, byte for byte) and the tensor bytes are written from the tensor's memory
 with ``pwritev``, or, for a chunk that is an unchanged byte range of a source (a BTX expert),
-copied file to file with ``copy_file_range`` without passing through the process at all. Rank 0
+copied file to file with ``copy_file_range`` without passing through the process at all. Every
+``sync_every`` bytes a flusher thread starts ``fdatasync`` on what is written so far, so the
+disk writes back while the process goes on reading and computing, and the final ``fsync`` of
+:meth:`DistcpWriter.close` has only the tail left. Rank 0
 then writes ``.metadata`` for all chunks and Megatron's ``metadata.json``; the common state
 (iteration, consumed samples) is the ``common_state`` bytes object that
 ``dist_checkpointing.save`` writes. ``dist_checkpointing.load`` and PyTorch's DCP reader load
@@ -109,7 +112,8 @@ class DistcpWriter:
     written.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike, rank: int, max_pending_bytes: int = 256 << 20) -> None:
+    def __init__(self, ckpt_dir: str | os.PathLike, rank: int, max_pending_bytes: int = 256 << 20,
+                 sync_every: int = 128 << 20) -> None:
         self.relative_path = f"__{rank}_0.distcp"
         self.path = Path(ckpt_dir) / self.relative_path
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -123,6 +127,29 @@ class DistcpWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="distcp-writer", daemon=True)
         self._thread.start()
+        # Write-back while writing: the flusher fdatasyncs whenever sync_every more bytes are written.
+        self._sync_every = sync_every
+        self._synced_at = 0
+        self._sync_wanted = threading.Event()
+        self._sync_stop = False
+        self._flusher = threading.Thread(target=self._flush_loop, name="distcp-flusher", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            if self._sync_stop:
+                return
+            try:
+                os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+            except OSError as exc:  # the final fsync of close() raises it again if it persists
+                self._error = self._error or exc
+
+    def _stop_flusher(self) -> None:
+        self._sync_stop = True
+        self._sync_wanted.set()
+        self._flusher.join()
 
     def add_tensor(self, key: str, offsets: tuple[int, ...], tensor: torch.Tensor, global_shape: tuple[int, ...],
                    release=None) -> None:
@@ -195,10 +222,14 @@ class DistcpWriter:
         self.written.append(WrittenChunk(key, offsets, sizes, shape, dtype, self.relative_path, self._pos, length))
         self._pos += length
         self.bytes_written += length
+        if self._pos - self._synced_at >= self._sync_every:
+            self._synced_at = self._pos
+            self._sync_wanted.set()
 
     def close(self) -> list[WrittenChunk]:
         self._queue.put(None)
         self._thread.join()
+        self._stop_flusher()
         try:
             self._raise()
             os.fsync(self.fd)
@@ -210,6 +241,7 @@ class DistcpWriter:
         """Stop without raising (the caller is failing anyway); the file is left for removal."""
         self._queue.put(None)
         self._thread.join()
+        self._stop_flusher()
         try:
             os.close(self.fd)
         except OSError:

@@ -7,6 +7,7 @@ grid over override keys) and the seeds::
 
     experiment: examples/tiny/experiment.yaml
     output: runs/sweep                 # OUT/<config>-s<seed>/ per run, OUT/runs/ shared runs
+    shared_runs: runs/study/runs       # optional: share another sweep's seed/branch/baseline runs
     seeds: [1234, 2025]                # each sets seed_keys (default: every training seed, router seed)
     base: {evaluation.eval_iters: 8}   # applied to every configuration
     configurations:                    # one table row each ...
@@ -42,7 +43,7 @@ from .pipeline import PipelineError, load_pipeline
 
 DEFAULT_SEED_KEYS = ("branch_defaults.train.seed", "merge.router_seed")
 COMPARED = {"dense": "BTX - dense", "upcycling": "BTX - upcycling", "btm": "BTX - BTM"}
-SWEEP_KEYS = ("experiment", "output", "seeds", "seed_keys", "base", "configurations", "grid")
+SWEEP_KEYS = ("experiment", "output", "shared_runs", "seeds", "seed_keys", "base", "configurations", "grid")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Sweep:
     seed_keys: list[str]
     configurations: dict[str, dict[str, Any]]       # name -> overrides (base included)
     factors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {grid key: value}
+    shared_runs: Path | None = None  # the seed/branch/baseline runs (default OUT/runs)
 
     def runs(self) -> list[tuple[str, int, dict[str, Any]]]:
         """(configuration, seed, overrides) of every pipeline run, configurations outermost."""
@@ -61,7 +63,7 @@ class Sweep:
             for seed in self.seeds:
                 run = {**overrides, **{k: seed for k in self.seed_keys}}
                 run.update(output_dir=str(self.output / f"{name}-s{seed}"),
-                           shared_runs_dir=str(self.output / "runs"))
+                           shared_runs_dir=str(self.shared_runs or self.output / "runs"))
                 out.append((name, seed, run))
         return out
 
@@ -74,19 +76,24 @@ def _label(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def load_sweep(path: str | Path, output: str | None = None, only: list[str] | None = None) -> Sweep:
+def load_sweep(path: str | Path, output: str | None = None, only: list[str] | None = None,
+               seeds: list[int] | None = None, shared_runs: str | None = None) -> Sweep:
     """Read and check a sweep file (see the module docstring). ``only``: run just these
-    configurations (their runs and the shared ones are the same as in the whole sweep, so a
-    later run of the whole sweep reuses them)."""
+    configurations; ``seeds``: just these of the file's seeds (the runs and the shared ones are
+    the same as in the whole sweep, so a later run of the whole sweep reuses them)."""
     raw = read_experiment_document(path)
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise ExperimentError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; allowed: {', '.join(SWEEP_KEYS)}.")
     if "experiment" not in raw:
         raise ExperimentError(f"{path}: name the experiment file (experiment: examples/tiny/experiment.yaml).")
-    seeds = raw.get("seeds") or [1234]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ExperimentError(f"{path}: seeds must be a list of integers, got {seeds!r}.")
+    file_seeds = raw.get("seeds") or [1234]
+    if not isinstance(file_seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in file_seeds):
+        raise ExperimentError(f"{path}: seeds must be a list of integers, got {file_seeds!r}.")
+    if seeds is not None:
+        if not seeds or not set(seeds) <= set(file_seeds):
+            raise ExperimentError(f"{path}: the sweep's seeds are {file_seeds}; choose among them, not {seeds}.")
+        file_seeds = [s for s in file_seeds if s in seeds]
     base = dict(raw.get("base") or {})
     named = raw.get("configurations") or ({} if raw.get("grid") else {"base": {}})
     grid = raw.get("grid") or {}
@@ -111,8 +118,9 @@ def load_sweep(path: str | Path, output: str | None = None, only: list[str] | No
         configurations = {name: configurations[name] for name in configurations if name in only}
         factors = {name: factors[name] for name in configurations}
     out = Path(output or raw.get("output") or Path("runs") / Path(path).stem)
-    return Sweep(str(raw["experiment"]), out.resolve(), seeds, list(raw.get("seed_keys") or DEFAULT_SEED_KEYS),
-                 configurations, factors)
+    shared = shared_runs or raw.get("shared_runs")
+    return Sweep(str(raw["experiment"]), out.resolve(), file_seeds, list(raw.get("seed_keys") or DEFAULT_SEED_KEYS),
+                 configurations, factors, Path(shared).resolve() if shared else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,13 +128,23 @@ def load_sweep(path: str | Path, output: str | None = None, only: list[str] | No
 # ---------------------------------------------------------------------------------------------
 
 def run_sweep(sweep: Sweep, *, data_dir: str | None = None, echo: Callable[[str], None] = print,
-              max_concurrent: int | None = None) -> dict[str, Any]:
-    """Run every configuration x seed (finished ones are reused), then write the table."""
+              max_concurrent: int | None = None, table_only: bool = False) -> dict[str, Any]:
+    """Run every configuration x seed (finished ones are reused), then write the table.
+    ``table_only``: train nothing; the table covers the runs that have finished (each row says
+    over how many seeds), and the others are listed as not run."""
     sweep.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, Any]] = {name: {} for name in sweep.configurations}
     errors: dict[str, str] = {}
+    not_run: list[str] = []
     runs = sweep.runs()
     for i, (name, seed, overrides) in enumerate(runs, 1):
+        if table_only:
+            finished = Path(overrides["output_dir"]) / "report" / "results.json"
+            if finished.is_file():
+                results[name][seed] = json.loads(finished.read_text())
+            else:
+                not_run.append(f"{name}-s{seed}")
+            continue
         echo(f"\n[sweep] {i}/{len(runs)}: {name}, seed {seed}")
         corpora = {k: v for k, v in overrides.items() if k.startswith("corpora.")}
         # Configurations with other corpora options get their own corpora directory (the others'
@@ -139,7 +157,8 @@ def run_sweep(sweep: Sweep, *, data_dir: str | None = None, echo: Callable[[str]
         except (ValueError, PipelineError) as exc:
             errors[f"{name}-s{seed}"] = str(exc)[-2000:]
             echo(f"[sweep] {name}, seed {seed} failed: {str(exc).splitlines()[0]}")
-    summary = summarize(sweep, results, errors)
+    summary = summarize(sweep, {k: v for k, v in results.items() if v or not table_only}, errors)
+    summary["not_run"] = not_run
     write_sweep_report(sweep, summary)
     echo("\n" + (sweep.output / "sweep.md").read_text())
     return summary
@@ -219,19 +238,38 @@ def format_table(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
     models = [m for m in ("seed", "dense", "upcycling", "btm", "btx_merged", "btx_oracle", "btx")
               if any(m in r["models"] for r in rows.values())]
-    header = ["configuration", *(f"{m} avg ppl" for m in models), *COMPARED.values()]
+    header = ["configuration", *(f"{m} avg ppl" for m in models), *COMPARED.values(), "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
-        cells = [name, *(_cell(r["models"].get(m, {})) for m in models), *(_cell(r[c]) for c in COMPARED.values())]
+        cells = [name, *(_cell(r["models"].get(m, {})) for m in models), *(_cell(r[c]) for c in COMPARED.values()),
+                 str(len(r["seeds"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def per_layer_share_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown rows: configuration x domain, the own-expert share in each layer (mean over seeds)."""
+    rows = []
+    layers: list[str] = []
+    for name, row in summary["rows"].items():
+        for domain in sorted(row["own_expert_share"]):
+            per_seed = [s[domain] for s in row["own_expert_share_per_layer"] if domain in s]
+            names = sorted({k for s in per_seed for k in s if k != "mean"}, key=lambda k: (len(k), k))
+            layers = layers if len(layers) >= len(names) else names
+            rows.append((name, domain, {k: statistics.fmean(s[k] for s in per_seed if k in s) for k in names}))
+    lines = ["| configuration | domain | " + " | ".join(f"layer {k}" for k in layers) + " |",
+             "|" + "---|" * (len(layers) + 2)]
+    for name, domain, shares in rows:
+        lines.append(f"| {name} | {domain} | " + " | ".join(f"{100 * shares[k]:.0f}%" if k in shares else "-"
+                                                            for k in layers) + " |")
+    return lines
+
+
 def write_sweep_report(sweep: Sweep, summary: dict[str, Any]) -> None:
-    n = len(sweep.seeds)
     md = [f"# Sweep of {sweep.experiment}", "",
-          f"Mean ± standard deviation over {n} seed(s) ({', '.join(map(str, sweep.seeds))}) of each model's "
-          "average validation perplexity over the domains; BTX - X < 0 means BTX is better.", "",
+          f"Mean ± standard deviation over the seeds ({', '.join(map(str, sweep.seeds))}; the last column says how "
+          "many a row has) of each model's average validation perplexity over the domains; BTX - X < 0 means BTX "
+          "is better.", "",
           format_table(summary), ""]
     if any(row["own_expert_share"] for row in summary["rows"].values()):
         md += ["", "Share of each domain's expert slots routed to the expert of the same name (mean over layers "
@@ -241,13 +279,15 @@ def write_sweep_report(sweep: Sweep, summary: dict[str, Any]) -> None:
         for name, row in summary["rows"].items():
             cells = [_percent(row["own_expert_share"].get(d, {})) for d in domains]
             md.append(f"| {name} | " + " | ".join(cells) + " |")
-        md.append("")
+        md += ["", "The same share per MoE layer (mean over seeds):", "", *per_layer_share_table(summary), ""]
     for name, row in summary["rows"].items():
         if row["claims_held"]:
             held = ", ".join(f"{k}: {v}/{len(row['seeds'])}" for k, v in row["claims_held"].items())
             md.append(f"- **{name}**: {held}")
     for run, error in summary["errors"].items():
         md.append(f"- **{run} failed**: {error.splitlines()[0]}")
+    if summary.get("not_run"):
+        md.append(f"- not run yet: {', '.join(summary['not_run'])}")
     for png in plot_factors(sweep, summary):
         md.append(f"\n![{png.stem}]({png.name})")
     fmt.write_text_atomic(sweep.output / "sweep.md", "\n".join(md) + "\n")

@@ -52,6 +52,14 @@ def test_configurations_times_grid_times_seeds(tmp_path):
     assert subset.factors == {"centroid+train_iters=300": {"mix.train_iters": 300}}
     with pytest.raises(ExperimentError, match="no configuration named 'centroid'; the sweep has paper"):
         load_sweep(_sweep_file(tmp_path, **doc), only=["centroid"])
+    # --seeds: those seeds' runs, the same as in the whole sweep; shared_runs: another sweep's.
+    one_seed = load_sweep(_sweep_file(tmp_path, **doc), seeds=[2])
+    assert one_seed.runs() == [r for r in runs if r[1] == 2]
+    with pytest.raises(ExperimentError, match=r"the sweep's seeds are \[1, 2\]; choose among them, not \[3\]"):
+        load_sweep(_sweep_file(tmp_path, **doc), seeds=[3])
+    other = load_sweep(_sweep_file(tmp_path, **doc, shared_runs=str(tmp_path / "study" / "runs")))
+    assert [o["shared_runs_dir"] for _, _, o in other.runs()] == [str(tmp_path / "study" / "runs")] * 8
+    assert [o["output_dir"] for _, _, o in other.runs()] == [o["output_dir"] for _, _, o in runs]
     with pytest.raises(ExperimentError, match="unknown sweep key"):
         load_sweep(_sweep_file(tmp_path, grids={}))
     with pytest.raises(ExperimentError, match="seeds must be a list of integers"):
@@ -76,6 +84,35 @@ def test_configurations_that_differ_in_the_mix_share_seed_and_branches(tmp_path,
     assert a["mix"].run_dir != b["mix"].run_dir  # the mix phase differs, so does its run
     # Another branch LR: the same seed, other branches.
     assert c["seed"].run_dir == a["seed"].run_dir and c["math"].run_dir != a["math"].run_dir
+
+
+def test_shipped_sweep_files_plan_and_the_ablations_share_the_studys_runs(tmp_path, monkeypatch):
+    """examples/tiny/sweep.yaml and ablations.yaml: every row plans (no bad override key), and an
+    ablation row trains only its merge and mix: its seed, branches and dense baseline are the
+    study's shipped ones."""
+    monkeypatch.setenv("BTX_DATA_DIR", str(tmp_path / "data"))
+    raw = yaml.safe_load(EXPERIMENT.read_text())
+
+    def plans(sweep):
+        out = {}
+        for name, seed, overrides in sweep.runs():
+            exp = parse_experiment(apply_overrides(raw, overrides), str(EXPERIMENT))
+            exp.model["vocab_size"] = 1024
+            out[name, seed] = plan_runs(exp)
+        return out
+
+    study = plans(load_sweep(ROOT / "examples" / "tiny" / "sweep.yaml", str(tmp_path / "study"), seeds=[1234]))
+    ablations = load_sweep(ROOT / "examples" / "tiny" / "ablations.yaml", str(tmp_path / "abl"),
+                           shared_runs=str(tmp_path / "study" / "runs"))
+    assert len(study) >= 12 and len(ablations.configurations) >= 11
+    shipped = study["shipped", 1234]
+    ablation_plans = plans(ablations)
+    for (name, _), plan in ablation_plans.items():
+        for run in ("seed", "math", "code", "wiki"):
+            assert plan[run].run_dir == shipped[run].run_dir, (name, run)
+        # One dense baseline for every row: the shipped one's compute-matched length.
+        assert plan["dense"].run_dir == ablation_plans["top-2", 1234]["dense"].run_dir
+        assert plan["dense"].config.train.train_iters == 986 and "upcycling" not in plan
 
 
 def test_a_shared_finished_run_is_adopted_not_rebuilt(tmp_path):
@@ -119,6 +156,29 @@ def test_table_is_mean_and_std_over_seeds(tmp_path):
     assert "b-s2 failed" in text and (sweep.output / "btx_minus_dense_configuration.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_table_only_reads_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    import btx_megatron.experiment.sweep as sweep_mod
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--table-only must not build a pipeline")
+
+    monkeypatch.setattr(sweep_mod, "load_pipeline", no_training)
+    sweep = load_sweep(_sweep_file(tmp_path, seeds=[1, 2], configurations={"a": {}, "b": {}, "c": {}}))
+    finished = {("a", 1): 11.0, ("a", 2): 13.0, ("b", 2): 12.0}
+    for (name, seed), btx in finished.items():
+        report = sweep.output / f"{name}-s{seed}" / "report"
+        report.mkdir(parents=True)
+        (report / "results.json").write_text(json.dumps(_result({"seed": 14.0, "dense": 12.0, "btx": btx})))
+    summary = sweep_mod.run_sweep(sweep, table_only=True, echo=lambda *a: None)
+    assert list(summary["rows"]) == ["a", "b"] and summary["not_run"] == ["b-s1", "c-s1", "c-s2"]
+    assert summary["rows"]["a"]["seeds"] == [1, 2] and summary["rows"]["b"]["seeds"] == [2]
+    assert summary["rows"]["a"]["BTX - dense"] == {"mean": 0.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    text = (sweep.output / "sweep.md").read_text()
+    assert "| a | 14.00 ± 0.00 | 12.00 ± 0.00 | 12.00 ± 1.41 | 0.00 ± 1.41 | - | - | 2 |" in text
+    assert "| b | 14.00 | 12.00 | 12.00 | 0.00 | - | - | 1 |" in text
+    assert "not run yet: b-s1, c-s1, c-s2" in text
+
+
 def test_own_expert_share_counts_split_experts_as_their_domain():
     routing = {"expert_names": ["math.0", "math.1", "code", "seed"], "domains": {
         "math": {"layers": {"1": {"token_fraction": [0.2, 0.2, 0.3, 0.3]}, "2": {"token_fraction": [0.3, 0.2, 0.2, 0.3]}}},
@@ -127,3 +187,21 @@ def test_own_expert_share_counts_split_experts_as_their_domain():
     share = own_expert_share(routing)
     assert share["math"] == {"1": pytest.approx(0.4), "2": pytest.approx(0.5), "mean": pytest.approx(0.45)}
     assert share["code"]["mean"] == pytest.approx(0.5) and "wiki" not in share
+
+
+def test_report_gives_the_own_expert_share_per_layer_over_seeds(tmp_path):
+    from btx_megatron.experiment.sweep import run_sweep
+
+    sweep = load_sweep(_sweep_file(tmp_path, seeds=[1, 2], configurations={"top-2": {}}))
+    for seed, (l1, l2) in {1: (0.4, 0.5), 2: (0.3, 0.1)}.items():
+        report = sweep.output / f"top-2-s{seed}" / "report"
+        (report / "routing").mkdir(parents=True)
+        (report / "results.json").write_text(json.dumps(_result({"seed": 14.0, "dense": 12.0, "btx": 13.0})))
+        (report / "routing" / "routing.json").write_text(json.dumps({"expert_names": ["math", "seed"], "domains": {
+            "math": {"layers": {"1": {"token_fraction": [l1, 1 - l1]}, "10": {"token_fraction": [l2, 1 - l2]},
+                                "2": {"token_fraction": [0.2, 0.8]}}}}}))
+    run_sweep(sweep, table_only=True, echo=lambda *a: None)
+    text = (sweep.output / "sweep.md").read_text()
+    assert "| top-2 | 28.33 ± 11.79% |" in text  # mean over layers, then over seeds: 36.7% and 20%
+    assert "| configuration | domain | layer 1 | layer 2 | layer 10 |" in text  # layers in numeric order
+    assert "| top-2 | math | 35% | 20% | 30% |" in text
