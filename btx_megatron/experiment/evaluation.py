@@ -1,12 +1,21 @@
 """The evaluation stages of the experiment pipeline (:mod:`.pipeline`): every model's per-domain
 loss and perplexity (``evaluate``), its accuracy on the built-in downstream tasks (``tasks``) and
-the BTX model's routing per domain (``routing``), each run through :mod:`.worker` jobs."""
+the BTX model's routing per domain (``routing``), each run through :mod:`.worker` jobs.
+
+Experiments that share runs (``shared_runs_dir``: a sweep's configurations) also share the
+evaluations of those runs: each result is kept under ``SHARED/results-cache/`` by a hash of what
+was evaluated (the evaluation's options, the model's paths and its checkpoint fingerprint), and
+an experiment that would evaluate the same thing again takes the kept result instead."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import checkpoint as fmt
 from ..config.experiment import DENSE_NAME, SEED_NAME
 from ..launch.plan import MIX_NAME, UPCYCLING_NAME
 from .state import Check, eval_check, file_fingerprint, read_json
@@ -43,6 +52,43 @@ def eval_models(p: "Pipeline") -> dict[str, dict[str, Any]]:
     return models
 
 
+RESULTS_CACHE = "results-cache"
+
+
+def _result_key(kind: str, spec: dict[str, Any], model_fp: Any) -> str:
+    return f"{kind}-" + hashlib.sha256(json.dumps([spec, model_fp], sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def shared_results(p: "Pipeline", members: dict[str, tuple], outputs: dict[str, Path],
+                   keys: dict[str, str]) -> dict[str, tuple]:
+    """``members`` (stage -> (config, inputs, validate)) with every missing output that another
+    experiment on the same shared runs already produced copied in from the cache (and adopted)."""
+    if not p.exp.shared_runs_dir:
+        return members
+    cache = Path(p.exp.shared_runs_dir) / RESULTS_CACHE
+    out = {}
+    for stage, (config, inputs, validate) in members.items():
+        kept = cache / f"{keys[stage]}.json"
+        if not outputs[stage].exists() and kept.is_file():
+            outputs[stage].parent.mkdir(parents=True, exist_ok=True)
+            fmt.write_text_atomic(outputs[stage], kept.read_text())
+            validate = (lambda v: lambda: dataclasses.replace(v(), adoptable=True))(validate)
+        out[stage] = (config, inputs, validate)
+    return out
+
+
+def keep_results(p: "Pipeline", members: dict[str, tuple], outputs: dict[str, Path], keys: dict[str, str]) -> None:
+    """Keep every valid result in the shared cache (see :func:`shared_results`)."""
+    if not p.exp.shared_runs_dir:
+        return
+    cache = Path(p.exp.shared_runs_dir) / RESULTS_CACHE
+    for stage, (_, _, validate) in members.items():
+        kept = cache / f"{keys[stage]}.json"
+        if not kept.exists() and validate().ok:
+            cache.mkdir(parents=True, exist_ok=True)
+            fmt.write_text_atomic(kept, outputs[stage].read_text())
+
+
 def eval_num_samples(p: "Pipeline") -> int:
     gbs = p.plans[p.branch_names[0]].config.train.global_batch_size
     return p.exp.evaluation.eval_iters * gbs
@@ -56,6 +102,9 @@ def stage_evaluate(p: "Pipeline", fps: dict[str, dict]) -> dict[str, str]:
     members = {f"evaluate:{name}": ({**common, **model}, {"model": fps[name]},
                                     eval_check(p.eval_dir / f"{name}.json", list(p.exp.eval_domains)))
                for name, model in models.items()}
+    outputs = {f"evaluate:{name}": p.eval_dir / f"{name}.json" for name in models}
+    keys = {f"evaluate:{name}": _result_key("evaluate", {**common, **model}, fps[name]) for name, model in models.items()}
+    members = shared_results(p, members, outputs, keys)
 
     def build(checks: dict[str, Check]) -> None:
         names = [stage.split(":", 1)[1] for stage in checks]
@@ -67,6 +116,7 @@ def stage_evaluate(p: "Pipeline", fps: dict[str, dict]) -> dict[str, str]:
         p._job("evaluate", spec, "evaluate", "evaluation")
 
     out = p.runner.ensure_group("evaluate", members, build, label="evaluate")
+    keep_results(p, members, outputs, keys)
     return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
 
 
@@ -96,6 +146,11 @@ def stage_tasks(p: "Pipeline", fps: dict[str, dict]) -> dict[str, str]:
 
     members = {f"tasks:{n}": ({**common, "model": path}, {"model": fps[n]}, validate(task_dir / f"{n}.json"))
                for n, path in models.items()}
+    outputs = {f"tasks:{n}": task_dir / f"{n}.json" for n in models}
+    # The task data is made from the corpora alone; where this experiment keeps it is not part of the key.
+    keys = {f"tasks:{n}": _result_key("tasks", {**common, "task_dir": None, "model": path}, fps[n])
+            for n, path in models.items()}
+    members = shared_results(p, members, outputs, keys)
 
     def build(checks: dict[str, Check]) -> None:
         names = [stage.split(":", 1)[1] for stage in checks]
@@ -104,6 +159,7 @@ def stage_tasks(p: "Pipeline", fps: dict[str, dict]) -> dict[str, str]:
         p._job("tasks", spec, "tasks", "downstream tasks")
 
     out = p.runner.ensure_group("tasks", members, build, label="tasks")
+    keep_results(p, members, outputs, keys)
     return {stage.split(":", 1)[1]: fp["result"] for stage, fp in out.items()}
 
 

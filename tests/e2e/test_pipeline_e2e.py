@@ -226,5 +226,10 @@ def test_a_configuration_that_differs_in_the_mix_reuses_seed_and_branches(run):
         assert recorded[name]["adopted"] is True and recorded[name]["executions"] == 0, name
         assert f"[pipeline] {name}: up to date, reused" in stdout
     assert recorded["mix"]["executions"] == 1
+    # Their evaluations too: the first experiment's results, taken from the shared results cache.
+    for name in ("seed", *DOMAINS):
+        assert recorded[f"evaluate:{name}"]["adopted"] is True, name
+        assert (other / "eval" / f"{name}.json").read_text() == (run["out"] / "eval" / f"{name}.json").read_text()
+    assert recorded["evaluate:btx"]["executions"] == 1
     started = [line for line in stdout.splitlines() if line.startswith("[launch]") and "started pid" in line]
     assert len(started) == 1 and "mix:" in started[0], started

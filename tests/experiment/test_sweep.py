@@ -115,6 +115,55 @@ def test_shipped_sweep_files_plan_and_the_ablations_share_the_studys_runs(tmp_pa
         assert plan["dense"].config.train.train_iters == 986 and "upcycling" not in plan
 
 
+def test_evaluations_of_shared_runs_are_taken_from_the_results_cache(tmp_path):
+    """Two experiments on one shared runs directory: the second takes the first's result for the
+    same model (same evaluation options, same checkpoint fingerprint), adopted, not recomputed;
+    another checkpoint fingerprint or other options are evaluated afresh."""
+    from types import SimpleNamespace
+
+    from btx_megatron.experiment.evaluation import _result_key, keep_results, shared_results
+    from btx_megatron.experiment.state import eval_check
+
+    shared = tmp_path / "runs"
+    spec = {"num_samples": 8, "path": str(shared / "seed-abc" / "checkpoints")}
+
+    def experiment(out: Path):
+        runner = StageRunner(State(out / "stages.json"), {"evaluate"}, echo=lambda _: None)
+        return SimpleNamespace(exp=SimpleNamespace(shared_runs_dir=str(shared)), runner=runner)
+
+    built = []
+
+    def evaluate(p, out: Path, fp: str, options=spec):
+        outputs = {"evaluate:seed": out / "eval" / "seed.json"}
+        members = {"evaluate:seed": (options, {"model": fp}, eval_check(outputs["evaluate:seed"], ["math"]))}
+        keys = {"evaluate:seed": _result_key("evaluate", options, fp)}
+        members = shared_results(p, members, outputs, keys)
+
+        def build(checks):
+            built.append(out.name)
+            outputs["evaluate:seed"].parent.mkdir(parents=True, exist_ok=True)
+            outputs["evaluate:seed"].write_text(json.dumps({"domains": {"math": {"loss": 1.0 + len(built)}}}))
+
+        p.runner.ensure_group("evaluate", members, build, label="evaluate")
+        keep_results(p, members, outputs, keys)
+        return json.loads(outputs["evaluate:seed"].read_text())
+
+    first = evaluate(experiment(tmp_path / "a"), tmp_path / "a", "fp1")
+    second_p = experiment(tmp_path / "b")
+    second = evaluate(second_p, tmp_path / "b", "fp1")
+    assert built == ["a"] and second == first
+    assert json.loads((tmp_path / "b" / "stages.json").read_text())["stages"]["evaluate:seed"]["adopted"] is True
+    # Another checkpoint (fingerprint) or other evaluation options: evaluated, not taken.
+    assert evaluate(experiment(tmp_path / "c"), tmp_path / "c", "fp2") != first
+    evaluate(experiment(tmp_path / "d"), tmp_path / "d", "fp1", {**spec, "num_samples": 16})
+    assert built == ["a", "c", "d"]
+    # No shared runs directory: nothing is kept or taken.
+    alone = SimpleNamespace(exp=SimpleNamespace(shared_runs_dir=None),
+                            runner=StageRunner(State(tmp_path / "e" / "stages.json"), {"evaluate"}, echo=lambda _: None))
+    evaluate(alone, tmp_path / "e", "fp1")
+    assert built == ["a", "c", "d", "e"]
+
+
 def test_a_shared_finished_run_is_adopted_not_rebuilt(tmp_path):
     runner = StageRunner(State(tmp_path / "stages.json"), {"branches"}, echo=lambda _: None)
     built = []
