@@ -107,6 +107,11 @@ def test_shipped_sweep_files_plan_and_the_ablations_share_the_studys_runs(tmp_pa
     assert len(study) >= 12 and len(ablations.configurations) >= 11
     shipped = study["shipped", 1234]
     ablation_plans = plans(ablations)
+    # Every mix phase is a model Megatron-Core accepts (e.g. a top-k router with top-1 is refused).
+    from btx_megatron.models.gpt import transformer_config
+
+    for (name, _), plan in [*ablation_plans.items(), *study.items()]:
+        transformer_config(plan["mix"].config)
     for (name, _), plan in ablation_plans.items():
         for run in ("seed", "math", "code", "wiki"):
             assert plan[run].run_dir == shipped[run].run_dir, (name, run)
