@@ -53,6 +53,8 @@ def _weights(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from btx_megatron.config.model import ROUTER_TYPES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     src = p.add_argument_group("sources")
     src.add_argument("--branch", action="append", default=[], type=_name_value("--branch"), metavar="NAME=DIR",
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--blend-experts", action="store_true", help="expert n = n-th FFN chunk of every branch")
     m.add_argument("--moe-router-topk", type=int, dest="topk",
                    help="top-k the mix phase will use (default: the branches' setting); split multiplies it")
+    m.add_argument("--moe-router-type", dest="router_type", choices=ROUTER_TYPES,
+                   help="router type the mix phase will use, recorded in the merged model's configuration "
+                        "(default: the branches' setting, topk); top-1 routing needs switch or sample-top1")
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the sources')")
     r = p.add_argument_group("router")
     r.add_argument("--router-init", choices=("random", "centroid"), default="random")
@@ -123,6 +128,7 @@ def options_from_args(args):
         upcycle_from=args.upcycle_from, num_experts=args.num_experts, method=method,
         split=args.split_experts or 1, split_scale=args.split_scale, upcycle_noise=args.upcycle_noise,
         weights=args.weights, router_init=args.router_init, router_seed=args.router_seed, topk=args.topk,
+        router_type=args.router_type,
         overwrite=args.overwrite, full_hash=args.full_hash, allow_duplicates=args.allow_duplicates,
         progress=not args.quiet, dtype=args.dtype, centroids=centroids,
         centroid_data=_group(args.centroid_data) or None, centroid_samples=args.centroid_samples,

@@ -285,6 +285,9 @@ class Pipeline:
             "router_init": m.router_init, "router_seed": m.router_seed,
             "topk": planning.mix_topk(exp), "output": str(exp.merged_dir), "overwrite": True,
         }
+        router_type = exp.mix.model.get("moe_router_type", "topk")
+        if router_type != "topk":  # (only then: the default's spec, and so its stage record, stays as it was)
+            spec["router_type"] = router_type
         if m.router_init == "centroid":
             # Every prefix of a source's data (several prefixes: averaged over the blend).
             data = {d.name: [e.prefix for e in d.data] for d in exp.domains}

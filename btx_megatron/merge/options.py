@@ -40,6 +40,7 @@ class MergeOptions:
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
     topk: int | None = None  # the mix phase's top-k (default: the branches' moe_router_topk)
+    router_type: str | None = None  # the mix phase's router type (default: the branches' moe_router_type)
     overwrite: bool = False
     full_hash: bool = False
     allow_duplicates: bool = False  # the same checkpoint as several experts (tests, ablations)
@@ -142,10 +143,11 @@ def prepare(opts: MergeOptions) -> MergeJob:
     mcfg = model_config(sources[0])
     weights = _weights(opts, sources, method)
     base_topk = opts.topk or mcfg.moe_router_topk
+    router_type = opts.router_type or mcfg.moe_router_type
     plan = core.ExpertPlan(
         method=method, num_sources=len(sources), split=opts.split,
         num_experts_upcycle=opts.num_experts, split_scale=opts.split_scale, gated=mcfg.swiglu,
-        pre_softmax=mcfg.moe_router_type == "switch", topk=base_topk, upcycle_noise=opts.upcycle_noise,
+        pre_softmax=router_type == "switch", topk=base_topk, upcycle_noise=opts.upcycle_noise,
         noise_seed=opts.router_seed,
     )
     ffn = plan.expert_ffn_size(mcfg.ffn_hidden_size)
@@ -157,6 +159,9 @@ def prepare(opts: MergeOptions) -> MergeJob:
         num_experts=plan.num_experts,
         moe_ffn_hidden_size=ffn if ffn != mcfg.ffn_hidden_size else None,
         moe_router_topk=min(recommended, plan.num_experts),
+        # The merged model is what the mix phase starts from, and is evaluated before it: recorded
+        # with the mix's router (a top-k router at top-1 is not a model Megatron-Core builds).
+        moe_router_type=router_type,
     )
     return MergeJob(sources=sources, plan=plan, units=units, weights=weights, model=model,
                     recommended_topk=recommended, num_layers=mcfg.num_layers,

@@ -75,6 +75,27 @@ def test_weighted_average(work, tmp_path):
     assert torch.equal(got[FC2][:, 2], srcs[2][DENSE_FC2])
 
 
+@pytest.mark.parametrize("router_type", ["switch", "sample-top1"])
+def test_a_top1_mix_router_is_recorded_so_the_merged_model_builds(work, tmp_path, router_type):
+    """The merged model is evaluated before the mix phase from its own configuration: for a top-1
+    mix it must carry the mix's router (Megatron-Core refuses a top-k router at top-1)."""
+    from btx_megatron.eval.loading import ModelLoadOptions, build_eval_config
+    from btx_megatron.models import transformer_config
+
+    def config_of(path):
+        manifest = json.loads((_iter(path) / "btx_checkpoint.json").read_text())
+        return build_eval_config(manifest, ModelLoadOptions(), "NullTokenizer", None)
+
+    out = merge(tmp_path / router_type, work["branches"], topk=1, router_type=router_type)
+    cfg = config_of(out)
+    assert (cfg.model.moe_router_type, cfg.model.moe_router_topk) == (router_type, 1)
+    transformer_config(cfg)
+    with pytest.raises(ValueError, match="moe-router-pre-softmax when topk is 1"):
+        transformer_config(config_of(merge(tmp_path / "topk", work["branches"], topk=1)))
+    # The tensors do not depend on it.
+    assert torch.equal(read_dcp(_iter(out))[FC1], read_dcp(_iter(work["merged"]))[FC1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_output_bit_identical_to_reference_merge(work, tmp_path, dtype):
     """bf16 and fp32 sources, uniform and weighted: every averaged tensor is the whole-tensor
