@@ -10,15 +10,13 @@ an experiment that would evaluate the same thing again takes the kept result ins
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import checkpoint as fmt
 from ..config.experiment import DENSE_NAME, SEED_NAME
 from ..launch.plan import MIX_NAME, UPCYCLING_NAME
-from .state import Check, eval_check, file_fingerprint, read_json
+from .state import Check, config_hash, eval_check, file_fingerprint, read_json
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -56,7 +54,7 @@ RESULTS_CACHE = "results-cache"
 
 
 def _result_key(kind: str, spec: dict[str, Any], model_fp: Any) -> str:
-    return f"{kind}-" + hashlib.sha256(json.dumps([spec, model_fp], sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return f"{kind}-" + config_hash([spec, model_fp])
 
 
 def shared_results(p: "Pipeline", members: dict[str, tuple], outputs: dict[str, Path],
