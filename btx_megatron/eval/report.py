@@ -4,7 +4,8 @@ Rows: the seed, each branch, the dense baseline, sparse upcycling, BTM and BTX (
 router type run). Columns: each domain's perplexity, their average (unweighted mean over
 domains), training tokens and training FLOPs. Written as ``results.md`` (the best figure of
 each perplexity column in bold) and ``results.json``, and printed. Figures:
-``loss_curves.png`` (training loss against tokens, one line per stage, read from each stage's
+``perplexity.png`` (each row's perplexity change relative to the seed, per domain, as a coloured
+table), ``loss_curves.png`` (training loss against tokens, one line per stage, read from each stage's
 ``metrics.jsonl``) and, when a routing-analysis directory is given, its ``routing_<domain>.png``
 heatmaps (written by ``tools/analyze_routing.py``) are linked from the markdown.
 
@@ -205,25 +206,68 @@ def plot_loss_curves(stage_metrics: dict[str, str | os.PathLike], out_png: str |
         plt.close(fig)
 
 
-def plot_perplexities(rows: list[ResultRow], out_png: str | os.PathLike, domains: list[str] | None = None) -> Path:
-    """Grouped bars: perplexity per domain (and average) for every row."""
+CHANGE_CLIP_PERCENT = 20.0   # colour scale of perplexity.png: changes beyond +-20% saturate
+
+
+def reference_row(rows: list[ResultRow], reference: str | None = None) -> ResultRow:
+    """The row the figure's changes are relative to: the one named ``reference``, else the seed
+    row, else the first row."""
+    if reference is not None:
+        for row in rows:
+            if row.name == reference:
+                return row
+        raise ValueError(f"reference row {reference!r} is not among the rows {[r.name for r in rows]}.")
+    return next((row for row in rows if row.kind == "seed"), rows[0])
+
+
+def perplexity_changes(rows: list[ResultRow], domains: list[str], reference: ResultRow) -> list[list[float | None]]:
+    """Per row, the percent change of each domain's perplexity (then of the average) relative to
+    ``reference``: ``100 * (ppl / reference_ppl - 1)``; None where either value is missing."""
+    ref = [reference.ppl(d) for d in domains] + [reference.average_ppl(domains)]
+    out = []
+    for row in rows:
+        values = [row.ppl(d) for d in domains] + [row.average_ppl(domains)]
+        out.append([None if v is None or r is None else 100.0 * (v / r - 1.0) for v, r in zip(values, ref)])
+    return out
+
+
+def plot_perplexities(rows: list[ResultRow], out_png: str | os.PathLike, domains: list[str] | None = None,
+                      reference: str | None = None) -> Path:
+    """A table you can see: one cell per row and domain (and the average), coloured by the
+    perplexity's change relative to the reference row (:func:`reference_row`; blue better, red
+    worse, saturating at +-20%), each cell labelled with the change and the perplexity. A change of
+    a few percent on a domain near perplexity 2 is as visible as one on a domain near 20."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     domains = domains or domain_names(rows)
+    ref = reference_row(rows, reference)
+    changes = perplexity_changes(rows, domains, ref)
     groups = [*domains, "average"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(rows)) / 4), 4.5))
-    width = 0.8 / max(len(rows), 1)
+    grid = np.array([[np.nan if c is None else c for c in row] for row in changes], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.7 * len(groups) + 3.2, 0.42 * len(rows) + 1.6))
+    image = ax.imshow(np.clip(grid, -CHANGE_CLIP_PERCENT, CHANGE_CLIP_PERCENT), cmap="RdBu_r", aspect="auto",
+                      vmin=-CHANGE_CLIP_PERCENT, vmax=CHANGE_CLIP_PERCENT)
     for i, row in enumerate(rows):
         values = [row.ppl(d) for d in domains] + [row.average_ppl(domains)]
-        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=row.name)
+        for j, (change, value) in enumerate(zip(changes[i], values)):
+            if value is None:
+                text = "-"
+            elif row is ref:
+                text = f"{value:.2f}"
+            else:
+                text = f"{change:+.1f}%  ({value:.2f})"
+            strong = change is not None and abs(change) > 0.6 * CHANGE_CLIP_PERCENT
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if strong else "black")
+    ax.axvline(len(domains) - 0.5, color="black", lw=1.0)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
+    ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_title(f"perplexity change relative to {ref.name!r} (its perplexity in its row)", fontsize=9, pad=22)
+    fig.colorbar(image, ax=ax, label="% change (clipped at +-20%)", fraction=0.04, pad=0.02)
     try:
         return _save_png(fig, Path(out_png))
     finally:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from btx_megatron.eval import btm
-from btx_megatron.eval.report import ResultRow, plot_loss_curves, read_train_curve, training_cost, write_report
+from btx_megatron.eval.report import (ResultRow, perplexity_changes, plot_loss_curves, plot_perplexities,
+                                      read_train_curve, reference_row, training_cost, write_report)
 
 
 def _profiles(seed: int = 0, vocab: int = 60):
@@ -163,3 +164,24 @@ def test_loss_curves_reject_empty(tmp_path):
     (tmp_path / "m.jsonl").write_text("")
     with pytest.raises(ValueError, match="no training records"):
         plot_loss_curves({"seed": tmp_path / "m.jsonl"}, tmp_path / "x.png")
+
+
+def test_perplexity_figure_shows_changes_relative_to_the_seed(tmp_path):
+    seed = ResultRow("seed", "seed", {"code": {"ppl": 20.0}, "math": {"ppl": 2.0}})
+    btx = ResultRow("BTX", "btx", {"code": {"ppl": 19.0}, "math": {"ppl": 1.9}})
+    branch = ResultRow("branch math", "branch", {"code": {"ppl": 60.0}, "math": {"ppl": 1.8}})
+    rows = [branch, seed, btx]
+    assert reference_row(rows) is seed                     # the seed row, wherever it is
+    assert reference_row(rows, "BTX") is btx
+    with pytest.raises(ValueError, match="'nope' is not among the rows"):
+        reference_row(rows, "nope")
+    assert reference_row([btx, branch]) is btx             # no seed row: the first
+    changes = perplexity_changes(rows, ["code", "math"], seed)
+    # A 5% gain on math (ppl near 2) reads the same as a 5% gain on code (ppl near 20).
+    assert changes[2] == pytest.approx([-5.0, -5.0, -5.0])
+    assert changes[0] == pytest.approx([200.0, -10.0, 100.0 * (30.9 / 11.0 - 1.0)])
+    assert changes[1] == pytest.approx([0.0, 0.0, 0.0])
+    partial = ResultRow("partial", "other", {"code": {"ppl": 10.0}})
+    assert perplexity_changes([partial], ["code", "math"], seed) == [[pytest.approx(-50.0), None, None]]
+    png = plot_perplexities([*rows, partial], tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
