@@ -181,6 +181,20 @@ def _per_model(result: dict[str, Any]) -> dict[str, float]:
     return {m: r["average_ppl"] for m, r in zip(result.get("models", []), result.get("rows", []))}
 
 
+BRANCH_EDGE = "branch vs dense, own domain"
+
+
+def branch_edge(result: dict[str, Any]) -> float | None:
+    """How much better each branch is than the compute-matched dense model on the branch's own
+    domain, in percent of dense's perplexity there (mean over the domains; < 0: the branches are
+    better). BTX's experts are these branches' FFNs, so this bounds what specialising bought."""
+    rows = dict(zip(result.get("models", []), result.get("rows", [])))
+    dense = rows.get("dense", {}).get("domains", {})
+    edges = [100.0 * (rows[d]["domains"][d]["ppl"] / dense[d]["ppl"] - 1.0)
+             for d in result.get("domains", []) if d in dense and d in rows.get(d, {}).get("domains", {})]
+    return statistics.fmean(edges) if edges else None
+
+
 def own_expert_share(routing: dict[str, Any] | None) -> dict[str, dict[str, float]]:
     """Per domain with an expert of its own name: the fraction of its expert slots that go to
     that expert, per layer and on average (``routing.json`` of the routing analysis)."""
@@ -208,6 +222,7 @@ def summarize(sweep: Sweep, results: dict[str, dict[int, Any]], errors: dict[str
         for other, label in COMPARED.items():
             diffs = [ppl["btx"] - ppl[other] for ppl in per_seed.values() if "btx" in ppl and other in ppl]
             row[label] = _mean_std(diffs)
+        row[BRANCH_EDGE] = _mean_std([branch_edge(r) for r in by_seed.values() if r])
         shares = []
         for seed in by_seed:
             path = sweep.output / f"{name}-s{seed}" / "report" / "routing" / "routing.json"
@@ -238,11 +253,13 @@ def format_table(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
     models = [m for m in ("seed", "dense", "upcycling", "btm", "btx_merged", "btx_oracle", "btx")
               if any(m in r["models"] for r in rows.values())]
-    header = ["configuration", *(f"{m} avg ppl" for m in models), *COMPARED.values(), "seeds"]
+    edge = any(r.get(BRANCH_EDGE, {}).get("mean") is not None for r in rows.values())
+    header = ["configuration", *(f"{m} avg ppl" for m in models), *COMPARED.values(),
+              *([f"{BRANCH_EDGE} (%)"] if edge else []), "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
         cells = [name, *(_cell(r["models"].get(m, {})) for m in models), *(_cell(r[c]) for c in COMPARED.values()),
-                 str(len(r["seeds"]))]
+                 *([_cell(r.get(BRANCH_EDGE, {}))] if edge else []), str(len(r["seeds"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

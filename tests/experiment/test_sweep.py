@@ -13,7 +13,8 @@ import yaml
 from btx_megatron.config.experiment import ExperimentError
 from btx_megatron.config.experiment_file import apply_overrides, parse_experiment
 from btx_megatron.experiment.state import Check, StageRunner, State
-from btx_megatron.experiment.sweep import format_table, load_sweep, own_expert_share, summarize, write_sweep_report
+from btx_megatron.experiment.sweep import (branch_edge, format_table, load_sweep, own_expert_share, summarize,
+                                         write_sweep_report)
 from btx_megatron.launch.plan import plan_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,3 +260,22 @@ def test_report_gives_the_own_expert_share_per_layer_over_seeds(tmp_path):
     assert "| top-2 | 28.33 ± 11.79% |" in text  # mean over layers, then over seeds: 36.7% and 20%
     assert "| configuration | domain | layer 1 | layer 2 | layer 10 |" in text  # layers in numeric order
     assert "| top-2 | math | 35% | 20% | 30% |" in text
+
+
+def test_branch_edge_is_each_branch_against_dense_on_its_own_domain(tmp_path):
+    def result(btx, branch_ppl):
+        domains = {"code": {"ppl": 10.0}, "math": {"ppl": 2.0}}
+        own = {d: {"domains": {**domains, d: {"ppl": branch_ppl[d]}}, "average_ppl": 0.0} for d in domains}
+        rows = {"dense": {"domains": domains, "average_ppl": 6.0}, "btx": {"domains": domains, "average_ppl": btx}, **own}
+        return {"domains": ["code", "math"], "models": list(rows), "rows": list(rows.values())}
+
+    # code branch 9.0 vs dense 10.0 (-10%), math branch 2.1 vs 2.0 (+5%): mean -2.5%.
+    assert branch_edge(result(5.0, {"code": 9.0, "math": 2.1})) == pytest.approx(-2.5)
+    assert branch_edge({"models": ["btx"], "rows": [{"average_ppl": 1.0}]}) is None
+    sweep = load_sweep(_sweep_file(tmp_path, seeds=[1, 2], configurations={"a": {}}))
+    summary = summarize(sweep, {"a": {1: result(5.0, {"code": 9.0, "math": 2.1}),
+                                      2: result(5.0, {"code": 9.5, "math": 2.0})}}, {})
+    edge = summary["rows"]["a"]["branch vs dense, own domain"]
+    assert edge["mean"] == pytest.approx((-2.5 - 2.5) / 2) and edge["n"] == 2
+    assert "| branch vs dense, own domain (%) | seeds |" in format_table(summary)
+    assert "| -2.50 ± 0.00 | 2 |" in format_table(summary)
