@@ -460,6 +460,18 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
+def value_at(raw: dict[str, Any], path: str) -> Any:
+    """The value an override path (``mix.train_iters``, ``domains.math.train_iters``) has in the
+    experiment document; None where the document does not set it."""
+    node: Any = raw
+    for key in path.split("."):
+        try:
+            node = _child(node, key, path, create=False)
+        except (ExperimentError, KeyError):
+            return None
+    return node
+
+
 def _list_index(items: list, key: str, where: str) -> int:
     if key.startswith("[") and key.endswith("]") and key[1:-1].isdigit():
         key = key[1:-1]

@@ -22,7 +22,8 @@ branch and dense-baseline runs live in the content-addressed ``OUT/runs`` (the e
 branches with another merge or mix) train them once. Interrupted sweeps continue where they
 stopped. The result is ``OUT/sweep.md`` / ``sweep.json`` (mean and standard deviation over seeds
 of every model's average perplexity and of BTX - dense, BTX - upcycling, BTX - BTM) and, per
-swept factor, a PNG of BTX - dense against it.
+swept factor (a grid key, or a key that named configurations change on their own, such as
+``mix.train_iters`` in ``mix-300: {mix.train_iters: 300}``), a PNG of BTX - dense against it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any, Callable
 
 from .. import checkpoint as fmt
 from ..config.experiment import ExperimentError
-from ..config.experiment_file import read_experiment_document
+from ..config.experiment_file import read_experiment_document, value_at
 from .pipeline import PipelineError, load_pipeline
 
 DEFAULT_SEED_KEYS = ("branch_defaults.train.seed", "merge.router_seed")
@@ -55,6 +56,7 @@ class Sweep:
     configurations: dict[str, dict[str, Any]]       # name -> overrides (base included)
     factors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {grid key: value}
     shared_runs: Path | None = None  # the seed/branch/baseline runs (default OUT/runs)
+    named: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its own overrides (no base, no grid)
 
     def runs(self) -> list[tuple[str, int, dict[str, Any]]]:
         """(configuration, seed, overrides) of every pipeline run, configurations outermost."""
@@ -101,6 +103,7 @@ def load_sweep(path: str | Path, output: str | None = None, only: list[str] | No
         raise ExperimentError(f"{path}: configurations is a mapping NAME: {{KEY: VALUE}}; grid a mapping KEY: [VALUES].")
     configurations: dict[str, dict[str, Any]] = {}
     factors: dict[str, dict[str, Any]] = {}
+    own: dict[str, dict[str, Any]] = {}
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     for name, overrides in (named or {"": {}}).items():
         if not isinstance(overrides, dict):
@@ -110,6 +113,7 @@ def load_sweep(path: str | Path, output: str | None = None, only: list[str] | No
             full = "+".join(x for x in (str(name), label) if x) or "base"
             configurations[full] = {**base, **overrides, **combo}
             factors[full] = dict(combo)
+            own[full] = dict(overrides)
     if only:
         missing = [name for name in only if name not in configurations]
         if missing:
@@ -117,10 +121,11 @@ def load_sweep(path: str | Path, output: str | None = None, only: list[str] | No
                                   f"the sweep has {', '.join(configurations)}.")
         configurations = {name: configurations[name] for name in configurations if name in only}
         factors = {name: factors[name] for name in configurations}
+        own = {name: own[name] for name in configurations}
     out = Path(output or raw.get("output") or Path("runs") / Path(path).stem)
     shared = shared_runs or raw.get("shared_runs")
     return Sweep(str(raw["experiment"]), out.resolve(), file_seeds, list(raw.get("seed_keys") or DEFAULT_SEED_KEYS),
-                 configurations, factors, Path(shared).resolve() if shared else None)
+                 configurations, factors, Path(shared).resolve() if shared else None, own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,9 +316,53 @@ def write_sweep_report(sweep: Sweep, summary: dict[str, Any]) -> None:
     fmt.write_json_atomic(sweep.output / "sweep.json", summary)
 
 
+def _one_factor(overrides: dict[str, Any]) -> tuple[str, Any, list[str]] | None:
+    """(factor, value, override paths) when a configuration changes one factor: one key, or the
+    same key of every domain to one value (``domains.*.train_iters``); scalars only."""
+    if not overrides or not all(isinstance(v, (int, float, str, bool)) for v in overrides.values()):
+        return None
+    if len(overrides) == 1:
+        (key, value), = overrides.items()
+        return key, value, [key]
+    parts = [k.split(".") for k in overrides]
+    if len(set(map(str, overrides.values()))) == 1 and all(len(p) == 3 and p[0] == "domains" for p in parts) \
+            and len({p[2] for p in parts}) == 1:
+        return f"domains.*.{parts[0][2]}", next(iter(overrides.values())), list(overrides)
+    return None
+
+
+def one_factor_series(sweep: Sweep, names: list[str]) -> dict[str, list[tuple[Any, str]]]:
+    """For each factor that named configurations change on their own (see :func:`_one_factor`):
+    ``[(value, configuration), ...]`` sorted by value, with the configuration that changes nothing
+    at the experiment file's value. Factors with fewer than two values are left out."""
+    try:
+        raw = read_experiment_document(sweep.experiment)
+    except ExperimentError:
+        raw = None
+    unchanged = [n for n in names if not sweep.named.get(n) and not sweep.factors.get(n)]
+    series: dict[str, list[tuple[Any, str]]] = {}
+    paths: dict[str, list[str]] = {}
+    for name in names:
+        factor = None if sweep.factors.get(name) else _one_factor(sweep.named.get(name, {}))
+        if factor is not None:
+            series.setdefault(factor[0], []).append((factor[1], name))
+            paths[factor[0]] = factor[2]
+    out = {}
+    for key, points in series.items():
+        base = {json.dumps(value_at(raw, p)) for p in paths[key]} if raw is not None and unchanged else set()
+        if len(base) == 1 and (value := json.loads(base.pop())) is not None:
+            points = [(value, unchanged[0]), *points]
+        if len({json.dumps(v) for v, _ in points}) >= 2:
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points)
+            out[key] = sorted(points, key=lambda p: p[0]) if numeric else points
+    return out
+
+
 def plot_factors(sweep: Sweep, summary: dict[str, Any]) -> list[Path]:
     """BTX - dense (mean ± std over seeds) against each swept grid factor, one PNG each; for
-    named configurations without a grid, one bar per configuration."""
+    named configurations without a grid, one bar per configuration and, for each factor that
+    configurations change on their own, BTX - dense against its value (the configuration that
+    changes nothing at the experiment file's value)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,6 +374,8 @@ def plot_factors(sweep: Sweep, summary: dict[str, Any]) -> list[Path]:
     groups = {k: [(r["factors"][k], r["BTX - dense"]) for r in rows.values() if k in r["factors"]] for k in keys}
     if not keys:
         groups = {"configuration": [(name, r["BTX - dense"]) for name, r in rows.items()]}
+        for key, points in one_factor_series(sweep, list(rows)).items():
+            groups[key] = [(f"{_label(value)}\n{name}", rows[name]["BTX - dense"]) for value, name in points]
     for key, points in groups.items():
         points = [(x, s) for x, s in points if s.get("mean") is not None]
         if not points:
@@ -334,12 +385,13 @@ def plot_factors(sweep: Sweep, summary: dict[str, Any]) -> list[Path]:
         ax.errorbar(range(len(points)), [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points],
                     fmt="o", capsize=4)
         ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(points)), labels, rotation=30 if key == "configuration" else 0, ha="right")
+        ax.set_xticks(range(len(points)), labels, rotation=30 if key == "configuration" else 0,
+                      ha="right" if key == "configuration" else "center")
         ax.set_xlabel(key)
         ax.set_ylabel("BTX - dense (avg ppl)")
         ax.set_title("below 0: BTX beats compute-matched dense")
         fig.tight_layout()
-        png = sweep.output / f"btx_minus_dense_{key.replace('.', '_')}.png"
+        png = sweep.output / f"btx_minus_dense_{key.replace('.', '_').replace('*', 'all')}.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
         pngs.append(png)

@@ -13,8 +13,8 @@ import yaml
 from btx_megatron.config.experiment import ExperimentError
 from btx_megatron.config.experiment_file import apply_overrides, parse_experiment
 from btx_megatron.experiment.state import Check, StageRunner, State
-from btx_megatron.experiment.sweep import (branch_edge, format_table, load_sweep, own_expert_share, summarize,
-                                         write_sweep_report)
+from btx_megatron.experiment.sweep import (branch_edge, format_table, load_sweep, one_factor_series, own_expert_share,
+                                         summarize, write_sweep_report)
 from btx_megatron.launch.plan import plan_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,3 +279,27 @@ def test_branch_edge_is_each_branch_against_dense_on_its_own_domain(tmp_path):
     assert edge["mean"] == pytest.approx((-2.5 - 2.5) / 2) and edge["n"] == 2
     assert "| branch vs dense, own domain (%) | seeds |" in format_table(summary)
     assert "| -2.50 ± 0.00 | 2 |" in format_table(summary)
+
+
+def test_configurations_that_change_one_factor_are_plotted_against_it(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path, seeds=[1], base={"evaluation.eval_iters": 2}, configurations={
+        "shipped": {}, "mix-600": {"mix.train_iters": 600}, "mix-300": {"mix.train_iters": 300},
+        "long": {f"domains.{d}.train_iters": 500 for d in ("math", "code", "wiki")},
+        "two": {"mix.train_iters": 300, "merge.router_init": "centroid"},           # two factors: no series
+        "weights": {"merge.weights": {"seed": 0.5, "math": 0.5}},                   # not a scalar: no series
+        "centroid": {"merge.router_init": "centroid"}}))                            # one value only: no plot
+    base = yaml.safe_load(EXPERIMENT.read_text())
+    mix_iters = base["mix"]["train_iters"]
+    branch_iters = base["domains"][0]["train_iters"]
+    series = one_factor_series(sweep, list(sweep.configurations))
+    assert series == {"mix.train_iters": sorted([(mix_iters, "shipped"), (300, "mix-300"), (600, "mix-600")]),
+                      "domains.*.train_iters": [(branch_iters, "shipped"), (500, "long")],
+                      "merge.router_init": [(base["merge"]["router_init"], "shipped"), ("centroid", "centroid")]}
+    # Without the unchanged configuration, one value per factor is no series.
+    assert one_factor_series(sweep, ["mix-600", "long"]) == {}
+    results = {name: {1: _result({"seed": 14.0, "dense": 12.0, "btx": 12.0 + i})} for i, name in enumerate(sweep.configurations)}
+    sweep.output.mkdir(parents=True)
+    write_sweep_report(sweep, summarize(sweep, results, {}))
+    for png in ("configuration", "mix_train_iters", "domains_all_train_iters", "merge_router_init"):
+        assert (sweep.output / f"btx_minus_dense_{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "btx_minus_dense_mix_train_iters.png" in (sweep.output / "sweep.md").read_text()
