@@ -258,7 +258,8 @@ class Experiment:
     raw: dict[str, Any]                    # the parsed YAML (for provenance)
     corpora: CorporaSpec = dataclasses.field(default_factory=CorporaSpec)
     shared_runs_dir: str | None = None
-    """Content-addressed home of the seed, branch and dense runs: a run lives in
+    """Content-addressed home of the seed, branch, dense and upcycling runs (and the upcycled
+    model): a run lives in
     ``shared_runs_dir/NAME-<hash of its configuration and starting point>``, so experiments
     (sweep configurations) that agree on a run train it once."""
 

@@ -271,6 +271,9 @@ class Pipeline:
                 if manifest.get("model", {}).get("num_experts") != num_experts:
                     return Check(False, f"{label}: {root} has {manifest.get('model', {}).get('num_experts')} "
                                         f"experts, expected {num_experts}")
+                # A content-addressed output (the upcycled model of a sweep: its directory name hashes
+                # the seed and the recipe), finished by another experiment: take it as it is.
+                check.adoptable = bool(self.exp.shared_runs_dir) and Path(self.exp.shared_runs_dir) in root.parents
             return check
         return validate
 
@@ -314,7 +317,7 @@ class Pipeline:
 
     def stage_upcycling(self, seed_fp: dict) -> dict[str, str]:
         exp = self.exp
-        root = planning.upcycled_dir(exp)
+        root = Path(self.plans[UPCYCLING_NAME].init_checkpoint)
         n = planning.upcycling_num_experts(exp)
         spec = {"branches": [], "upcycle_from": str(self.seed_checkpoint), "num_experts": n, "method": "upcycle",
                 "upcycle_noise": exp.baselines.upcycling.noise or 0.0, "router_init": "random",

@@ -17,9 +17,10 @@ grid over override keys) and the seeds::
       mix.train_iters: [150, 300]
 
 Every configuration of every seed is an ordinary pipeline run in its own directory; the seed,
-branch and dense-baseline runs live in the content-addressed ``OUT/runs`` (the experiment's
-``shared_runs_dir``), so configurations that agree on them (the same seed recipe, or the same
-branches with another merge or mix) train them once. Interrupted sweeps continue where they
+branch, dense-baseline and upcycling runs (and the upcycled model) live in the content-addressed
+``OUT/runs`` (the experiment's ``shared_runs_dir``), so configurations that agree on them (the
+same seed recipe, the same branches with another merge or mix, the same mix with another merge)
+train them once. Interrupted sweeps continue where they
 stopped. The result is ``OUT/sweep.md`` / ``sweep.json`` (mean and standard deviation over seeds
 of every model's average perplexity and of BTX - dense, BTX - upcycling, BTX - BTM) and, per
 swept factor (a grid key, or a key that named configurations change on their own, such as

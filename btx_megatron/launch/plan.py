@@ -178,10 +178,16 @@ def router_variant_dir(exp: Experiment, router_type: str) -> Path:
     return exp.mix_dir.with_name(f"{exp.mix_dir.name}_{router_type}")
 
 
-def upcycled_dir(exp: Experiment) -> Path:
+def upcycled_dir(exp: Experiment, seed_checkpoint: str) -> Path:
     """The upcycled MoE before its mix phase (outside the run directory, which a changed run is
-    moved away with)."""
-    return Path(exp.output_dir) / "baselines" / "upcycled"
+    moved away with). With ``shared_runs_dir``: content-addressed there like the seed and branch
+    runs (named by a hash of the seed it copies and the upcycling recipe), so configurations that
+    differ only in the BTX merge share it, and the upcycling run that starts from it."""
+    if not exp.shared_runs_dir:
+        return Path(exp.output_dir) / "baselines" / "upcycled"
+    recipe = [seed_checkpoint, upcycling_num_experts(exp), exp.baselines.upcycling.noise or 0.0,
+              exp.merge.router_seed, mix_topk(exp)]
+    return Path(exp.shared_runs_dir) / f"upcycled-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]}"
 
 
 def upcycling_num_experts(exp: Experiment) -> int:
@@ -213,13 +219,13 @@ def plan_runs(exp: Experiment, router_variants: list[str] | tuple[str, ...] = ()
         plans[d.name] = _placed(exp, RunPlan(d.name, "branch", exp.run_dir(d.name), cfg, d.options.launch,
                                              seed_ckpt, d.data))
     longest_branch = max(plans[d.name].target_iters for d in exp.domains)
-    plans.update(_mix_plans(exp, router_variants, lambda: longest_branch))
+    plans.update(_mix_plans(exp, router_variants, lambda: longest_branch, seed_ckpt))
     if exp.baselines.dense.enabled:
         plans[DENSE_NAME] = _dense_plan(exp, plans, seed_ckpt, dense_flops)
     return plans
 
 
-def _mix_plans(exp: Experiment, router_variants, default_iters) -> dict[str, RunPlan]:
+def _mix_plans(exp: Experiment, router_variants, default_iters, seed_ckpt: str) -> dict[str, RunPlan]:
     mix = exp.mix
     blend = exp.mix_blend()
     n = num_btx_experts(exp)
@@ -237,8 +243,8 @@ def _mix_plans(exp: Experiment, router_variants, default_iters) -> dict[str, Run
         router = {"moe_router_type": rt, **ROUTER_VARIANT_OVERRIDES.get(rt, {})}
         out[f"{MIX_NAME}:{rt}"] = plan(f"{MIX_NAME}:{rt}", "mix", router_variant_dir(exp, rt), exp.merged_dir, n, router)
     if exp.baselines.upcycling.enabled:
-        out[UPCYCLING_NAME] = plan(UPCYCLING_NAME, "upcycling", Path(exp.output_dir) / "baselines" / "upcycling",
-                                   upcycled_dir(exp), upcycling_num_experts(exp), {})
+        out[UPCYCLING_NAME] = _placed(exp, plan(UPCYCLING_NAME, "upcycling", Path(exp.output_dir) / "baselines" / "upcycling",
+                                                upcycled_dir(exp, seed_ckpt), upcycling_num_experts(exp), {}))
     return out
 
 

@@ -85,7 +85,7 @@ def run():
     pipeline = load_pipeline(str(EXPERIMENT), output=str(out), data_dir=str(data), echo=lambda _: None,
                              overrides={**yaml.safe_load(SCALE.read_text()), "shared_runs_dir": str(shared)})
     roots = {name: pipeline.plans[name].save_dir for name in ("seed", "mix", "upcycling", *DOMAINS)}
-    roots.update(merged=out / "merged", upcycled=out / "baselines/upcycled",
+    roots.update(merged=out / "merged", upcycled=Path(pipeline.plans["upcycling"].init_checkpoint),
                  dense=Path(json.loads((out / "eval" / "dense.json").read_text())["checkpoint"]).parent)
     yield {"out": out, "data": data, "stdout": stdout, "stages": stages(out), "roots": roots, "sets": sets,
            "base": base}
@@ -219,17 +219,18 @@ def test_a_configuration_that_differs_in_the_mix_reuses_seed_and_branches(run):
     shared runs directory trains no seed and no branches: it adopts them."""
     other = run["base"] / "other"
     stdout = run_pipeline(other, run["data"], *run["sets"], "--set", "mix.train_iters=4",
-                          "--set", "baselines.dense.enabled=false", "--set", "baselines.upcycling.enabled=false",
+                          "--set", "baselines.dense.enabled=false",
                           "--set", "baselines.btm.enabled=false", "--set", "evaluation.tasks=false")
     recorded = stages(other)
-    for name in ("seed", "branch:math", "branch:code", "branch:wiki"):
+    # The upcycled model copies the same seed with the same recipe: shared too (its mix phase is not).
+    for name in ("seed", "branch:math", "branch:code", "branch:wiki", "upcycling:merge"):
         assert recorded[name]["adopted"] is True and recorded[name]["executions"] == 0, name
         assert f"[pipeline] {name}: up to date, reused" in stdout
-    assert recorded["mix"]["executions"] == 1
+    assert recorded["mix"]["executions"] == 1 and recorded["upcycling:mix"]["executions"] == 1
     # Their evaluations too: the first experiment's results, taken from the shared results cache.
     for name in ("seed", *DOMAINS):
         assert recorded[f"evaluate:{name}"]["adopted"] is True, name
         assert (other / "eval" / f"{name}.json").read_text() == (run["out"] / "eval" / f"{name}.json").read_text()
     assert recorded["evaluate:btx"]["executions"] == 1
     started = [line for line in stdout.splitlines() if line.startswith("[launch]") and "started pid" in line]
-    assert len(started) == 1 and "mix:" in started[0], started
+    assert len(started) == 2 and "mix:" in started[0] and "upcycling:" in started[1], started

@@ -389,3 +389,31 @@ def test_every_run_kind_has_one_plan_and_one_config_builder(setup):
     assert dense.target_iters == -(-tokens // dense.tokens_per_iter)
     flops = plan_runs(parse_experiment(exp), dense_flops=1e12)["dense"]
     assert flops.target_iters != dense.target_iters
+
+
+def test_with_shared_runs_the_upcycled_model_and_its_run_are_shared_like_the_branches(setup, tmp_path):
+    """In a sweep, configurations that differ only in the BTX merge get the same upcycled model and
+    upcycling run (trained once); another mix phase shares the upcycled model, not the run; another
+    upcycling recipe gets its own."""
+    from btx_megatron.config.experiment_file import apply_overrides
+    from btx_megatron.launch.plan import plan_runs
+
+    _, exp = setup
+    shared = tmp_path / "shared"
+
+    def upcycling(**overrides):
+        plan = plan_runs(parse_experiment(apply_overrides(exp, {"shared_runs_dir": str(shared), **overrides})))["upcycling"]
+        return Path(plan.init_checkpoint), plan.run_dir
+
+    upcycled, run = upcycling()
+    assert upcycled.parent == shared and upcycled.name.startswith("upcycled-")
+    assert run.parent == shared and run.name.startswith("upcycling-")
+    assert upcycling(**{"merge.router_init": "centroid", "merge.method": "blend"}) == (upcycled, run)
+    # Upcycling copies the seed into as many experts as BTX has, unless told how many.
+    assert upcycling(**{"merge.with_seed_expert": False})[0] != upcycled
+    assert upcycling(**{"merge.with_seed_expert": False, "baselines.upcycling.num_experts": 4}) == (upcycled, run)
+    other_mix = upcycling(**{"mix.train_iters": 7})
+    assert other_mix[0] == upcycled and other_mix[1] != run
+    assert upcycling(**{"merge.router_seed": 99})[0] != upcycled
+    assert upcycling(**{"baselines.upcycling.noise": 0.01})[0] != upcycled
+    assert upcycling(**{"mix.model.moe_router_topk": 1})[0] != upcycled
