@@ -163,8 +163,12 @@ class DenseBaselineSpec:
     budget: Budget = field(default_factory=Budget)  # default: the sum of the branch budgets
     data: list[BlendEntry] | None = None             # default: every domain, weighted by budget
     options: StageOptions | None = None
+    match: str = "compute"
+    """Without an explicit budget: ``compute`` trains as many FLOPs as the branches and the mix
+    phase together (the pipeline reads them from those runs); ``data`` as many tokens (the paper's
+    data-matched dense baseline; fewer steps, since a top-k MoE token costs more than a dense one)."""
 
-    KEYS = ("enabled", "data", *BUDGET_KEYS, *STAGE_KEYS)
+    KEYS = ("enabled", "data", "match", *BUDGET_KEYS, *STAGE_KEYS)
 
 
 @dataclass

@@ -307,7 +307,11 @@ def _parse_baselines(data: Any, defaults: StageOptions) -> BaselinesSpec:
         budget=parse_budget(dense, "baselines.dense", required=False),
         data=parse_blend_spec(dense["data"], "baselines.dense.data") if dense.get("data") is not None else None,
         options=parse_stage_options(dense, "baselines.dense", defaults),
+        match=dense.get("match", "compute"),
     )
+    if spec.dense.match not in ("compute", "data"):
+        raise ExperimentError(f"baselines.dense.match: {spec.dense.match!r} is not 'compute' (as many training FLOPs "
+                              "as branches + mix) or 'data' (as many tokens).")
     up = _check_keys(data.get("upcycling"), UpcyclingBaselineSpec.KEYS, "baselines.upcycling")
     spec.upcycling = UpcyclingBaselineSpec(
         enabled=_bool(up.get("enabled", True), "baselines.upcycling.enabled"),

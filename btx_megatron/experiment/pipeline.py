@@ -332,8 +332,9 @@ class Pipeline:
     def stage_dense(self, seed_fp: dict) -> dict[str, str]:
         dense = self.exp.baselines.dense
         flops = None
-        if not dense.budget.given:
-            # Compute-matched: the training FLOPs of the branches and the mix phase.
+        if not dense.budget.given and dense.match == "compute":
+            # Compute-matched: the training FLOPs of the branches and the mix phase (data-matched:
+            # plan_runs counts their tokens).
             flops = 0.0
             for plan in [*(self.plans[n] for n in self.branch_names), self.plans[MIX_NAME]]:
                 summary = read_json(plan.save_dir / "eval_summary.json")
