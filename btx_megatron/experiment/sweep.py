@@ -390,7 +390,7 @@ def plot_factors(sweep: Sweep, summary: dict[str, Any]) -> list[Path]:
                       ha="right" if key == "configuration" else "center")
         ax.set_xlabel(key)
         ax.set_ylabel("BTX - dense (avg ppl)")
-        ax.set_title("below 0: BTX beats compute-matched dense")
+        ax.set_title("below 0: BTX beats the dense baseline")
         fig.tight_layout()
         png = sweep.output / f"btx_minus_dense_{key.replace('.', '_').replace('*', 'all')}.png"
         fig.savefig(png, dpi=110)
