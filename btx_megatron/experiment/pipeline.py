@@ -319,10 +319,7 @@ class Pipeline:
         exp = self.exp
         root = Path(self.plans[UPCYCLING_NAME].init_checkpoint)
         n = planning.upcycling_num_experts(exp)
-        spec = {"branches": [], "upcycle_from": str(self.seed_checkpoint), "num_experts": n, "method": "upcycle",
-                "upcycle_noise": exp.baselines.upcycling.noise or 0.0, "router_init": "random",
-                "router_seed": exp.merge.router_seed, "topk": planning.mix_topk(exp), "output": str(root),
-                "overwrite": True}
+        spec = {**planning.upcycling_spec(exp, str(self.seed_checkpoint)), "output": str(root), "overwrite": True}
         merged_fp = self.runner.ensure(
             "upcycling:merge", "upcycling", spec, {"seed": seed_fp}, self._merge_check(root, "upcycled checkpoint", n),
             lambda _: self._job("merge", spec, "upcycling_merge", "upcycling merge (btx_megatron.merge)"))

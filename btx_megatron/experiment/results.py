@@ -50,7 +50,8 @@ def results_rows(p: "Pipeline") -> tuple[list[dict[str, Any]], tuple[float, floa
         c = stage_cost(plan.save_dir)
         cost[f"btx_{rt}"] = (branches_total[0] + c[0], branches_total[1] + c[1])
     dense = exp.baselines.dense
-    labels = {SEED_NAME: "seed", DENSE_NAME: "dense" if dense.budget.given else f"dense ({dense.match}-matched)", "upcycling": "sparse upcycling",
+    labels = {SEED_NAME: "seed", DENSE_NAME: "dense" if dense.budget.given else f"dense ({dense.match}-matched)",
+              "upcycling": "sparse upcycling",
               "btm": f"BTM top-{exp.baselines.btm.top_k}",
               "btx": f"BTX {exp.mix.model.get('moe_router_type', 'topk')}-{planning.mix_topk(exp)}",
               MERGED_ROW: "BTX merged, before the mix phase",

@@ -178,16 +178,22 @@ def router_variant_dir(exp: Experiment, router_type: str) -> Path:
     return exp.mix_dir.with_name(f"{exp.mix_dir.name}_{router_type}")
 
 
+def upcycling_spec(exp: Experiment, seed_checkpoint: str) -> dict[str, Any]:
+    """The merge options (``MergeOptions``, without the output) that make the upcycled MoE: the
+    seed's FFN copied into every expert, a new random router."""
+    return {"branches": [], "upcycle_from": seed_checkpoint, "num_experts": upcycling_num_experts(exp),
+            "method": "upcycle", "upcycle_noise": exp.baselines.upcycling.noise or 0.0, "router_init": "random",
+            "router_seed": exp.merge.router_seed, "topk": mix_topk(exp)}
+
+
 def upcycled_dir(exp: Experiment, seed_checkpoint: str) -> Path:
     """The upcycled MoE before its mix phase (outside the run directory, which a changed run is
     moved away with). With ``shared_runs_dir``: content-addressed there like the seed and branch
-    runs (named by a hash of the seed it copies and the upcycling recipe), so configurations that
-    differ only in the BTX merge share it, and the upcycling run that starts from it."""
+    runs (named by a hash of :func:`upcycling_spec`), so configurations that differ only in the
+    BTX merge share it, and the upcycling run that starts from it."""
     if not exp.shared_runs_dir:
         return Path(exp.output_dir) / "baselines" / "upcycled"
-    recipe = [seed_checkpoint, upcycling_num_experts(exp), exp.baselines.upcycling.noise or 0.0,
-              exp.merge.router_seed, mix_topk(exp)]
-    return Path(exp.shared_runs_dir) / f"upcycled-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]}"
+    return Path(exp.shared_runs_dir) / f"upcycled-{_content_key(upcycling_spec(exp, seed_checkpoint))}"
 
 
 def upcycling_num_experts(exp: Experiment) -> int:
@@ -274,11 +280,15 @@ def _placed(exp: Experiment, plan: RunPlan) -> RunPlan:
         return plan
     config = plan.config.to_dict()
     config["checkpoint"]["save"] = None
-    key = hashlib.sha256(json.dumps([config, plan.init_checkpoint, dataclasses.asdict(plan.launch)],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = _content_key([config, plan.init_checkpoint, dataclasses.asdict(plan.launch)])
     plan.run_dir = Path(exp.shared_runs_dir) / f"{plan.name}-{key}"
     plan.config.checkpoint.save = str(plan.save_dir)
     return plan
+
+
+def _content_key(value: Any) -> str:
+    """The name suffix of a content-addressed run or model: a hash of what determines it."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def select(plans: dict[str, RunPlan], only: list[str] | None, default: Callable[[RunPlan], bool]) -> list[RunPlan]:
